@@ -1,0 +1,1 @@
+"""Data: LAION metadata -> filtered subsets -> WebDataset shards -> training batches."""

@@ -1,0 +1,1 @@
+"""Launchers: torchrun and SLURM jobs built from the configs in conf/."""

@@ -1,0 +1,1 @@
+"""Training: the loop, the objective, optimiser, EMA, checkpointing and parallelism wrappers."""
