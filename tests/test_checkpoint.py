@@ -1,0 +1,198 @@
+"""The original `.ckpt` layout (against the key/shape file derived from the CompVis code) and the
+conversion command, with round trips between every format."""
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+from models.adapters import ldm_checkpoint as ldm
+from models.adapters.keys import KeyMismatchError
+from models.configs import sd_v1, tiny
+from models.stable_diffusion import build_models, ldm_state_dict, load_ldm_checkpoint, save_ldm_checkpoint
+from tools import convert
+
+
+def _layout(sd):
+    return {k: list(v.shape) for k, v in sd.items()}
+
+
+def _reference(reference_layout, variant_prefix):
+    (variant,) = [v for k, v in reference_layout["file_variants"].items() if k.startswith(variant_prefix)]
+    out = {}
+    for group in variant["groups"]:
+        out.update(reference_layout["groups"][group])
+    assert len(out) == variant["n_keys"]
+    return out
+
+
+def test_full_size_layout_matches_original_files(reference_layout):
+    m = build_models(sd_v1(), "meta")
+    counts = {name: sum(p.numel() for p in getattr(m, name).parameters()) for name in ("unet", "vae", "text_encoder")}
+    assert counts == reference_layout["param_counts"]
+
+    ema = m.unet.state_dict()
+    full = ldm_state_dict(m, unet_ema=ema)
+    assert _layout(full) == _reference(reference_layout, "sd-v1-N-full-ema")
+    ema_only = ldm_state_dict(m, ema_only=True, unet_ema=ema)
+    assert _layout(ema_only) == _reference(reference_layout, "sd-v1-N.ckpt")
+    for key, dtype in reference_layout["dtypes_non_float32"].items():
+        assert str(full[key].dtype) == f"torch.{dtype}", key
+    assert all(v.dtype == torch.float32 for k, v in full.items() if k not in reference_layout["dtypes_non_float32"])
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    torch.manual_seed(0)
+    m = build_models(tiny())
+    m.unet_ema = {k: v + 0.5 for k, v in m.unet.state_dict().items()}  # distinguishable from the raw weights
+    m.global_step = 1234
+    return m
+
+
+def _assert_same(a: dict, b: dict):
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_save_and_load_round_trip(tmp_path, tiny_models, suffix):
+    path = tmp_path / f"model{suffix}"
+    save_ldm_checkpoint(path, tiny_models)
+    back = load_ldm_checkpoint(path, tiny())
+    _assert_same(back.unet.state_dict(), tiny_models.unet.state_dict())
+    _assert_same(back.vae.state_dict(), tiny_models.vae.state_dict())
+    _assert_same(back.text_encoder.state_dict(), tiny_models.text_encoder.state_dict())
+    _assert_same(back.unet_ema, tiny_models.unet_ema)
+    assert back.global_step == 1234
+
+
+def test_file_is_what_the_original_loader_reads(tmp_path, tiny_models):
+    path = tmp_path / "model.ckpt"
+    save_ldm_checkpoint(path, tiny_models)
+    pl_sd = torch.load(path, map_location="cpu", weights_only=True)  # ldm: pl_sd["state_dict"], pl_sd["global_step"]
+    assert set(pl_sd) == {"state_dict", "global_step"} and pl_sd["global_step"] == 1234
+    sd = pl_sd["state_dict"]
+    assert torch.equal(sd[ldm.POSITION_IDS], torch.arange(77)[None])
+    assert sd["model_ema.num_updates"].dtype == torch.int32
+    assert torch.equal(sd["model_ema.diffusion_modelinput_blocks00weight"],
+                       tiny_models.unet_ema["input_blocks.0.0.weight"])
+
+
+def test_loads_without_position_ids_and_lists_bad_keys(tmp_path, tiny_models):
+    sd = ldm_state_dict(tiny_models)
+    del sd[ldm.POSITION_IDS]
+    ldm.write_checkpoint(tmp_path / "a.ckpt", sd, 7)
+    assert load_ldm_checkpoint(tmp_path / "a.ckpt", tiny()).global_step == 7
+
+    del sd["first_stage_model.quant_conv.weight"]
+    sd["cond_stage_model.transformer.text_model.extra.weight"] = torch.zeros(1)
+    ldm.write_checkpoint(tmp_path / "b.ckpt", sd, 7)
+    with pytest.raises(KeyMismatchError) as err:
+        load_ldm_checkpoint(tmp_path / "b.ckpt", tiny())
+    assert "first_stage_model.quant_conv.weight" in str(err.value)
+    assert "cond_stage_model.transformer.text_model.extra.weight" in str(err.value)
+
+
+def test_wrong_architecture_is_a_clear_error(tmp_path, tiny_models):
+    save_ldm_checkpoint(tmp_path / "tiny.ckpt", tiny_models)
+    with pytest.raises(KeyMismatchError, match="--arch tiny"):
+        load_ldm_checkpoint(tmp_path / "tiny.ckpt", sd_v1())
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this would run at load time",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    torch.save({"state_dict": {}, "callbacks": Payload()}, tmp_path / "evil.ckpt")
+    with pytest.raises(ValueError, match="refusing to load"):
+        ldm.read_checkpoint(tmp_path / "evil.ckpt")
+
+
+def test_lightning_callback_state_loads_without_lightning(tmp_path, tiny_models, monkeypatch):
+    """Lightning checkpoints may carry a pickled ModelCheckpoint; it is read as inert data."""
+    module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+
+    class ModelCheckpoint:
+        def __init__(self):
+            self.best_model_score = 0.5
+
+    ModelCheckpoint.__module__ = module.__name__
+    ModelCheckpoint.__qualname__ = "ModelCheckpoint"
+    module.ModelCheckpoint = ModelCheckpoint
+    for parent in ("pytorch_lightning", "pytorch_lightning.callbacks"):
+        monkeypatch.setitem(sys.modules, parent, types.ModuleType(parent))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    sd = ldm_state_dict(tiny_models)
+    torch.save({"state_dict": sd, "global_step": 3, "callbacks": {ModelCheckpoint: ModelCheckpoint()}},
+               tmp_path / "pl.ckpt")
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
+        monkeypatch.delitem(sys.modules, name)  # loading must not need Lightning
+    loaded, step = ldm.read_checkpoint(tmp_path / "pl.ckpt")
+    assert step == 3 and set(loaded) == set(sd)
+
+
+def _convert(*args):
+    assert convert.main([str(a) for a in args]) == 0
+
+
+def test_convert_round_trips_are_exact(tmp_path, tiny_models):
+    src = tmp_path / "full-ema.ckpt"
+    save_ldm_checkpoint(src, tiny_models)
+    original = torch.load(src, weights_only=True)["state_dict"]
+
+    _convert(src, tmp_path / "copy.safetensors", "--arch", "tiny")
+    _convert(tmp_path / "copy.safetensors", tmp_path / "copy.ckpt", "--arch", "tiny")
+    _assert_same(torch.load(tmp_path / "copy.ckpt", weights_only=True)["state_dict"], original)
+
+    # EMA-only file through diffusers and back: the EMA weights end up in model.diffusion_model.*
+    _convert(src, tmp_path / "ema.ckpt", "--ema", "--arch", "tiny")
+    _convert(tmp_path / "ema.ckpt", tmp_path / "pipe", "--arch", "tiny")
+    _convert(tmp_path / "pipe", tmp_path / "back.ckpt")
+    ema_only = torch.load(tmp_path / "ema.ckpt", weights_only=True)["state_dict"]
+    back = torch.load(tmp_path / "back.ckpt", weights_only=True)["state_dict"]
+    assert not any(k.startswith("model_ema.diffusion") for k in ema_only)
+    _assert_same({k: v for k, v in back.items() if k != "model_ema.decay"},
+                 {k: v for k, v in ema_only.items() if k != "model_ema.decay"})
+    assert torch.equal(ema_only["model.diffusion_model.out.2.bias"], tiny_models.unet_ema["out.2.bias"])
+
+
+@pytest.mark.parametrize("flag,expect", [(None, "ema"), ("--ema", "ema"), ("--no-ema", "raw")])
+def test_convert_to_diffusers_chooses_ema_as_asked(tmp_path, tiny_models, flag, expect):
+    from safetensors.torch import load_file
+
+    src = tmp_path / "full-ema.ckpt"
+    save_ldm_checkpoint(src, tiny_models)
+    _convert(src, tmp_path / "pipe", "--arch", "tiny", *([flag] if flag else []))
+    unet = load_file(str(tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors"))
+    want = tiny_models.unet_ema if expect == "ema" else tiny_models.unet.state_dict()
+    assert torch.equal(unet["conv_in.weight"], want["input_blocks.0.0.weight"])
+
+
+def test_no_ema_on_single_copy_file_is_refused(tmp_path, tiny_models):
+    src = tmp_path / "ema.ckpt"
+    save_ldm_checkpoint(src, tiny_models, ema_only=True)
+    with pytest.raises(ValueError, match="single copy"):
+        _convert(src, tmp_path / "pipe", "--arch", "tiny", "--no-ema")
+
+
+def test_diffusers_pipeline_loads_our_folder(tmp_path, tiny_models):
+    """diffusers itself reads the folder we write, and its UNet computes what ours does."""
+    from diffusers import StableDiffusionPipeline
+
+    src = tmp_path / "m.ckpt"
+    save_ldm_checkpoint(src, tiny_models, ema_only=False)
+    _convert(src, tmp_path / "pipe", "--arch", "tiny", "--no-ema")
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "pipe"), local_files_only=True)
+    assert json.loads((tmp_path / "pipe" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([42]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        theirs = pipe.unet(x, t, encoder_hidden_states=ctx).sample
+        ours = tiny_models.unet.eval()(x, t, ctx)
+        ids = pipe.tokenizer("a red square", padding="max_length", max_length=77, return_tensors="pt").input_ids
+        assert torch.allclose(pipe.text_encoder(ids).last_hidden_state, tiny_models.text_encoder(ids), atol=1e-6)
+    assert torch.allclose(theirs, ours, atol=1e-5)
