@@ -1,0 +1,204 @@
+"""UNet training step (forward + backward + AdamW): ours against diffusers' UNet2DConditionModel on the
+same config, the same inputs, the same machine, in the same run, interleaved.
+
+    python bench/unet_step.py --device cpu --arch tiny --latent 8 --batch 2          # CPU, tiny
+    python bench/unet_step.py --device cuda --arch sd-v1 --latent 32,64 --batch 8,32 --dtype bf16 --compile both
+
+Prints a table (img/s, ms/step, TFLOP/s, MFU, peak memory, ratio ours/diffusers) and writes it as
+JSON and Markdown under --out. FLOPs per image come from torch.utils.flop_counter on the forward,
+times 3 for forward + backward (the convention MosaicML and the issue tracker use).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import configs  # noqa: E402
+from models.adapters import diffusers_unet  # noqa: E402
+from models.unet import UNetModel  # noqa: E402
+from train.flops import peak_tflops, unet_train_flops_per_image  # noqa: E402
+
+
+@dataclass
+class Result:
+    impl: str
+    arch: str
+    latent: int
+    batch: int
+    dtype: str
+    compile: bool
+    channels_last: bool
+    ac: str
+    ms_per_step: float = float("nan")
+    img_per_s: float = float("nan")
+    tflops: float = float("nan")
+    mfu: float = float("nan")
+    peak_mem_gib: float = float("nan")
+    status: str = "ok"
+
+
+def build(impl: str, cfg: configs.UNetConfig, device: str, channels_last: bool, compile_: bool, ac: bool):
+    torch.manual_seed(0)
+    if impl in ("ours", "ours-whole"):
+        with torch.device(device):  # initialise on the device: a CPU init of 860M parameters takes seconds
+            model = UNetModel(replace(cfg, activation_checkpointing=ac))
+        forward = lambda x, t, c: model(x, t, c)  # noqa: E731
+        if compile_ and impl == "ours-whole":
+            model.compile(dynamic=False)  # one graph for the whole UNet, still in place
+        elif compile_:
+            # Per block, in place: parameter names keep no `_orig_mod.` prefix. All blocks share one
+            # forward code object, so each distinct shape is one more cache entry: raise dynamo's limit and
+            # keep shapes static (a guessed dynamic shape made inductor fail on CPU).
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            for block in [*model.input_blocks, model.middle_block, *model.output_blocks]:
+                block.compile(dynamic=False)
+    else:
+        from diffusers import UNet2DConditionModel
+
+        conf = {k: v for k, v in diffusers_unet.diffusers_config(cfg).items() if not k.startswith("_")}
+        with torch.device(device):
+            model = UNet2DConditionModel(**conf)
+        if ac:
+            model.enable_gradient_checkpointing()
+        forward = lambda x, t, c: model(x, t, encoder_hidden_states=c, return_dict=False)[0]  # noqa: E731
+        if compile_:
+            model.compile()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    return model, forward
+
+
+def measure(res: Result, cfg: configs.UNetConfig, device: str, steps: int, warmup: int, flops_per_img: float,
+            peak: float | None) -> Result:
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[res.dtype]
+    model, forward = build(res.impl, cfg, device, res.channels_last, res.compile, res.ac != "none")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01,
+                            **({"fused": True} if device == "cuda" else {}))
+    gen = torch.Generator(device).manual_seed(0)
+    x = torch.randn(res.batch, cfg.in_channels, res.latent, res.latent, device=device, generator=gen)
+    if res.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    t = torch.randint(0, 1000, (res.batch,), device=device, generator=gen)
+    ctx = torch.randn(res.batch, 77, cfg.context_dim, device=device, generator=gen)
+    target = torch.randn_like(x)
+    autocast = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step():
+        with autocast:
+            out = forward(x, t, ctx)
+        loss = torch.nn.functional.mse_loss(out.float(), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    elapsed = (time.perf_counter() - start) / steps
+    res.ms_per_step = elapsed * 1e3
+    res.img_per_s = res.batch / elapsed
+    res.tflops = flops_per_img * res.img_per_s / 1e12
+    res.mfu = res.tflops / peak if peak else float("nan")
+    if device == "cuda":
+        res.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
+    del model, opt
+    return res
+
+
+def table(results: list[Result]) -> str:
+    head = ("| impl | arch | latent | batch | dtype | compile | ch-last | AC | ms/step | img/s | TFLOP/s | MFU "
+            "| peak GiB | time ours/diffusers / speedup | status |")
+    lines = [head, "|" + "---|" * 15]
+    base = {(r.arch, r.latent, r.batch, r.dtype, r.compile, r.channels_last, r.ac): r.img_per_s
+            for r in results if r.impl == "diffusers" and r.status == "ok"}
+    for r in results:
+        ratio = ""
+        key = (r.arch, r.latent, r.batch, r.dtype, r.compile, r.channels_last, r.ac)
+        if r.impl.startswith("ours") and key in base:
+            ratio = f"{base[key] / r.img_per_s:.3f} / {r.img_per_s / base[key]:.2f}x"
+        lines.append(f"| {r.impl} | {r.arch} | {r.latent} | {r.batch} | {r.dtype} | {r.compile} | {r.channels_last} "
+                     f"| {r.ac} | {r.ms_per_step:.1f} | {r.img_per_s:.2f} | {r.tflops:.1f} | {r.mfu:.3f} "
+                     f"| {r.peak_mem_gib:.1f} | {ratio} | {r.status} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--arch", choices=["tiny", "sd-v1"], default="sd-v1")
+    p.add_argument("--latent", default="32,64", help="latent sizes (256 px = 32, 512 px = 64)")
+    p.add_argument("--batch", default="8", help="micro-batch sizes")
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--impl", default="ours,diffusers",
+                   help="ours (compiled per block), ours-whole (compiled as one graph), diffusers")
+    p.add_argument("--compile", choices=["no", "yes", "both"], default="no")
+    p.add_argument("--channels-last", choices=["no", "yes", "both"], default="no")
+    p.add_argument("--ac", choices=["none", "full"], default="none", help="activation checkpointing")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--budget-s", type=float, default=float("inf"), help="skip what is left after this long")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/out")))
+    args = p.parse_args(argv)
+
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    cfg = (configs.tiny() if args.arch == "tiny" else configs.sd_v1()).unet
+    peak = peak_tflops(args.device, args.dtype)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+    print(f"device: {name}; peak {peak} TFLOP/s ({args.dtype}); torch {torch.__version__}", flush=True)
+    flags = {"no": [False], "yes": [True], "both": [False, True]}
+    results: list[Result] = []
+    start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for latent in map(int, args.latent.split(",")):
+        flops = unet_train_flops_per_image(cfg, latent)
+        print(f"latent {latent}: {flops / 1e9:.1f} GFLOP per image (fwd+bwd)", flush=True)
+        for compile_ in flags[args.compile]:
+            for cl in flags[args.channels_last]:
+                for batch in map(int, args.batch.split(",")):
+                    for impl in args.impl.split(","):
+                        res = Result(impl, args.arch, latent, batch, args.dtype, compile_, cl, args.ac)
+                        if time.perf_counter() - start > args.budget_s:
+                            res.status = "skipped (time budget)"
+                        else:
+                            try:
+                                measure(res, cfg, args.device, args.steps, args.warmup, flops, peak)
+                            except torch.OutOfMemoryError:
+                                res.status = "OOM"
+                            except Exception as err:  # one failed configuration must not lose the others
+                                res.status = f"error: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+                            finally:
+                                if args.device == "cuda":
+                                    torch.cuda.empty_cache()
+                        results.append(res)
+                        print(table([res]).splitlines()[-1], flush=True)
+                        (args.out / "unet_step.json").write_text(json.dumps(
+                            {"device": name, "peak_tflops": peak, "torch": torch.__version__,
+                             "results": [asdict(r) for r in results]}, indent=1))
+    md = f"device: {name}, torch {torch.__version__}, peak {peak} TFLOP/s\n\n" + table(results) + "\n"
+    (args.out / "unet_step.md").write_text(md)
+    print("\n" + md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

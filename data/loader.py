@@ -1,0 +1,303 @@
+"""Streaming training loader over WebDataset tar shards, with exact resume.
+
+    loader = ShardLoader(LoaderConfig(shards="pipe:aws s3 cp s3://b/{00000..04999}.tar -", ...))
+    loader.load_state_dict(checkpoint["loader"])          # optional, before iterating
+    batches = iter(loader)
+    for step in range(num_steps):
+        batch = next(batches)                             # {"pixels", "input_ids", "captions", ...}
+        ...
+        checkpoint["loader"] = loader.state_dict()        # JSON-able, one per rank
+        log(loader.skip_counts())
+
+Equal batch counts on every rank: the loader is endless. Each rank's streams cycle through epochs on
+their own (see data/plan.py), so no rank can run out before another however unevenly the shards
+are filled or filtered, and the trainer decides the length of a run in steps, as SD v1's recipe
+does. The price is that ranks do not cross epoch boundaries at the same step; every sample is still
+seen once per epoch of its stream.
+
+Exact resume: a batch is built in one DataLoader worker from one stream, and the worker returns
+with it the stream's cursor and the skip counts since that stream's previous batch. The DataLoader
+returns worker outputs round-robin (batch n from worker n % num_workers), and the streams are
+assigned so that batch n always comes from stream n % streams_per_rank, so the state
+(batches consumed, one cursor per stream, skip totals) covers exactly what the trainer has received,
+not what workers have prefetched. Restarting builds every stream from its cursor. The state can be
+restored with a different num_workers as long as it divides streams_per_rank (which is why
+streams_per_rank is a setting of its own), but not with a different world size or shard list.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from braceexpand import braceexpand
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data.plan import Cursor, ShardPlan, stream_items
+from data.samples import RESUME_INEXACT, Decoder, read_candidates, stack
+from data.stages import SubsetFilter
+from data.transforms import CROPS, RESIZES, to_pixels
+
+STATE_FORMAT = "sd-repro/loader-state/1"
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    # Shard URLs: local paths, `file:` or `pipe:CMD` URLs; a string is brace-expanded
+    # ("/data/{00000..00999}.tar"), as is each entry of a tuple.
+    shards: tuple[str, ...] | str
+    resolution: int = 256  # SD v1: 256 for the first 237k steps of v1-1, then 512
+    batch_size: int = 4  # per rank micro-batch
+    num_workers: int = 2  # DataLoader worker processes per rank (0: in the training process)
+    # Independent sample streams per rank; fixed for a run (it is part of the shard split) so that
+    # num_workers may change on resume. None: max(1, num_workers). Must be a multiple of num_workers.
+    streams_per_rank: int | None = None
+    seed: int = 0
+    # Replace the caption by "" with this probability (SD v1-2 onwards: 0.1, for classifier-free guidance).
+    caption_dropout: float = 0.0
+    crop: str = "center"  # or "random"
+    resize: str = "shorter_side"
+    # Shards read interleaved by one stream, and the shuffle buffer (in samples) they pass through.
+    # Memory per stream: shuffle_buffer encoded images (~1000 x 50 KiB at 512), plus the open tars.
+    shards_per_group: int = 4
+    shuffle_buffer: int = 1000
+    # Per-sample stage rules for shards downloaded without them, reading the sample's json:
+    # `data.filters_runtime.stage_filter("laion-improved-aesthetics")`, or any SubsetFilter whose
+    # columns are the json's names (MetadataColumns.img2dataset_json()). None: keep everything.
+    filters: SubsetFilter | None = None
+    # Precomputed-latent shards (data/latent_format.py) instead of images; `context` also yields
+    # the precomputed text embeddings.
+    latents: bool = False
+    context: bool = False
+    # Begin a fresh run at this epoch (e.g. after a change of world size, when the saved state can
+    # no longer be restored: the rest of the interrupted epoch is then skipped, nothing repeated).
+    start_epoch: int = 0
+    pin_memory: bool = False
+    prefetch_factor: int = 2
+    # Seconds to wait for a worker's next batch before raising (0: forever). A stuck `pipe:` command
+    # then fails the run, which resumes exactly from its checkpoint, instead of hanging it.
+    timeout_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.resolution % 8:
+            raise ValueError(f"loader.resolution={self.resolution} must be a multiple of 8 (the VAE factor)")
+        if self.batch_size < 1 or self.num_workers < 0 or self.shards_per_group < 1 or self.shuffle_buffer < 1:
+            raise ValueError("loader: batch_size, shards_per_group, shuffle_buffer must be >= 1 and num_workers >= 0")
+        if self.streams_per_rank is not None and self.streams_per_rank % max(1, self.num_workers):
+            raise ValueError(f"loader.streams_per_rank={self.streams_per_rank} must be a multiple of num_workers={self.num_workers}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"loader.caption_dropout={self.caption_dropout} must be in [0, 1]")
+        if self.crop not in CROPS:
+            raise ValueError(f"loader.crop={self.crop!r}: choose one of {CROPS}")
+        if self.resize not in RESIZES:
+            raise ValueError(f"loader.resize={self.resize!r}: choose one of {RESIZES}")
+        if self.context and not self.latents:
+            raise ValueError("loader.context=True reads precomputed text embeddings: it needs latents=True")
+
+
+def expand_shards(shards: tuple[str, ...] | list[str] | str) -> list[str]:
+    patterns = [shards] if isinstance(shards, str) else list(shards)
+    urls = [url for pattern in patterns for url in braceexpand(pattern)]
+    if not urls:
+        raise ValueError("loader.shards is empty")
+    return urls
+
+
+@lru_cache(maxsize=1)
+def _tokenizer():
+    # Built once in the training process, before the workers fork, so they share it for free
+    # (building it parses 49k BPE merges: about a second per process otherwise).
+    from models.tokenizer import CLIPTokenizer
+    return CLIPTokenizer()
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if rank is not None or world_size is not None:
+        raise ValueError("pass both rank and world_size, or neither (then torch.distributed decides)")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class _Stream:
+    """One stream inside a worker: candidates in plan order -> decoded samples -> batches."""
+
+    def __init__(self, ds: "_StreamDataset", local: int, cursor: Cursor):
+        self.ds, self.counts = ds, Counter()
+        self.cursor = cursor
+        self.good_in_group = cursor.offset > 0  # a saved cursor always follows a good sample
+        self.barren: set[int] = set()  # shards of consecutive groups that gave no sample
+        self.items = stream_items(ds.plan, ds.rank * ds.plan.streams_per_rank + local, cursor,
+                                  ds.config.shuffle_buffer, self._read_shard, self._at_start,
+                                  self._group_end)
+
+    def _read_shard(self, epoch: int, shard: int):
+        cfg = self.ds.config
+        return read_candidates(self.ds.urls[shard], shard, cfg.filters, cfg.latents, cfg.context, self.counts)
+
+    def _at_start(self, exact: bool) -> None:
+        self.counts.clear()  # the replayed reads were counted before the state was saved
+        if not exact:
+            self.counts[RESUME_INEXACT] += 1
+
+    def _group_end(self, shards: list[int]) -> None:
+        if self.good_in_group:
+            self.barren.clear()
+        else:
+            self.barren.update(shards)
+            if len(self.barren) == len(self.ds.urls):
+                raise RuntimeError(
+                    f"none of the {len(self.ds.urls)} shards gives a usable sample (skips: {dict(self.counts)}); "
+                    "check the shard URLs, their access and the filters")
+        self.good_in_group = False
+
+    def next_batch(self) -> tuple[list[dict], Cursor, Counter]:
+        samples = []
+        while len(samples) < self.ds.config.batch_size:
+            self.cursor, candidate = next(self.items)
+            sample = self.ds.decoder(self.cursor.epoch, candidate, self.counts)
+            if sample is not None:
+                self.good_in_group = True
+                samples.append(sample)
+        # Copied and cleared in place: the shard readers hold this Counter and keep counting into it.
+        delta = Counter(self.counts)
+        self.counts.clear()
+        return samples, self.cursor, delta
+
+
+class _StreamDataset(IterableDataset):
+    """What each DataLoader worker runs. Worker p of K produces the rank's batches
+    n = start + p + j*K (j = 0, 1, ...), batch n from stream n % streams_per_rank."""
+
+    def __init__(self, loader: "ShardLoader"):
+        self.config, self.urls, self.plan, self.rank = loader.config, loader.urls, loader.plan, loader.rank
+        self.start, self.cursors = loader._batches, list(loader._cursors)
+        cfg = self.config
+        self.decoder = Decoder(cfg.seed, cfg.resolution, cfg.crop, cfg.caption_dropout, cfg.latents, cfg.context)
+        self.tokenizer = _tokenizer()
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        streams: dict[int, _Stream] = {}
+        n = self.start + worker
+        while True:
+            local = n % self.plan.streams_per_rank
+            if local not in streams:
+                streams[local] = _Stream(self, local, self.cursors[local])
+            samples, cursor, skips = streams[local].next_batch()
+            batch = self._collate(samples)
+            batch["_position"] = (n, local, cursor.to_list(), dict(skips))
+            yield batch
+            n += num_workers
+
+    def _collate(self, samples: list[dict]) -> dict:
+        captions = [s["caption"] for s in samples]
+        batch = {"captions": captions, "keys": [s["key"] for s in samples], "json": [s["json"] for s in samples],
+                 "dropped": torch.tensor([s["dropped"] for s in samples]), "input_ids": self.tokenizer(captions)}
+        if self.config.latents:
+            batch["latent_mean"] = torch.from_numpy(stack(samples, "latent_mean"))
+            batch["latent_std"] = torch.from_numpy(stack(samples, "latent_std"))
+            if self.config.context:
+                batch["context"] = torch.from_numpy(stack(samples, "context"))
+        else:
+            batch["pixels"] = to_pixels([s["image"] for s in samples])
+        return batch
+
+
+class ShardLoader:
+    """Endless iterator of batches for one data-parallel rank (rank/world_size default to
+    torch.distributed's, or 0/1 without it). See the module docstring for the guarantees."""
+
+    def __init__(self, config: LoaderConfig, rank: int | None = None, world_size: int | None = None):
+        self.config = config
+        self.rank, self.world_size = _rank_and_world(rank, world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in [0, {self.world_size})")
+        self.urls = expand_shards(config.shards)
+        self._set_streams(config.streams_per_rank or max(1, config.num_workers))
+        self._skips: Counter = Counter()
+        self._iterating = False
+
+    def _set_streams(self, streams_per_rank: int) -> None:
+        if streams_per_rank % max(1, self.config.num_workers):
+            raise ValueError(f"num_workers={self.config.num_workers} must divide streams_per_rank={streams_per_rank}")
+        self.plan = ShardPlan(len(self.urls), self.config.seed, self.world_size, streams_per_rank, self.config.shards_per_group)
+        self._batches = 0
+        self._cursors = [Cursor(self.config.start_epoch, 0, 0)] * streams_per_rank
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._iterating:
+            raise RuntimeError("this loader is already being iterated; it has one position, so use one iterator")
+        self._iterating = True
+        cfg = self.config
+        loader = DataLoader(_StreamDataset(self), batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
+                            prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
+                            timeout=cfg.timeout_s if cfg.num_workers else 0)
+        try:
+            for batch in loader:
+                n, local, cursor, skips = batch.pop("_position")
+                if n != self._batches or local != n % self.plan.streams_per_rank:
+                    raise RuntimeError(f"loader got batch {n} (stream {local}) where batch {self._batches} was due: "
+                                       "the DataLoader no longer returns worker outputs round-robin")
+                self._cursors[local] = Cursor.from_list(cursor)
+                self._skips.update(skips)
+                self._batches += 1
+                yield batch
+        finally:
+            self._iterating = False
+
+    def skip_counts(self) -> dict[str, int]:
+        """Samples and shards not used so far, by reason (data/shard_io.py, data/samples.py,
+        data/filters_runtime.py), up to the last batch handed out."""
+        return dict(sorted(self._skips.items()))
+
+    def _fingerprint(self) -> dict:
+        # What the meaning of a cursor depends on: changing any of it makes the saved position meaningless.
+        cfg = self.config
+        return {"shards": hashlib.sha256("\n".join(self.urls).encode()).hexdigest()[:16], "num_shards": len(self.urls),
+                "seed": cfg.seed, "shards_per_group": cfg.shards_per_group, "shuffle_buffer": cfg.shuffle_buffer,
+                "filters": cfg.filters.to_dict() if cfg.filters is not None else None, "latents": cfg.latents, "context": cfg.context}
+
+    def state_dict(self) -> dict:
+        return {"format": STATE_FORMAT, "rank": self.rank, "world_size": self.world_size,
+                "streams_per_rank": self.plan.streams_per_rank, "batches": self._batches,
+                "cursors": [c.to_list() for c in self._cursors], "skip_counts": self.skip_counts(),
+                "fingerprint": self._fingerprint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._iterating:
+            raise RuntimeError("load_state_dict() must come before iterating the loader")
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a loader state of format {STATE_FORMAT!r}: {state.get('format')!r}")
+        if (state["world_size"], state["rank"]) != (self.world_size, self.rank):
+            furthest = max(c[0] for c in state["cursors"])
+            raise ValueError(
+                f"loader state of rank {state['rank']} of {state['world_size']} cannot be restored on rank {self.rank} "
+                f"of {self.world_size}: each rank's position only exists within its own split of the shards. Resume with "
+                f"world_size={state['world_size']}, or start afresh with LoaderConfig(start_epoch=E) for an E above "
+                f"every rank's saved epoch (this rank's furthest: {furthest}, so E >= {furthest + 1}), which skips the rest "
+                "of the interrupted epoch")
+        saved, now = state["fingerprint"], self._fingerprint()
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if changed:
+            raise ValueError(f"loader state does not match this loader: {', '.join(changed)} changed "
+                             f"({ {k: saved.get(k) for k in changed} } -> { {k: now.get(k) for k in changed} }). "
+                             "A saved position only means something for the same shards, seed, shuffle and filters")
+        streams = int(state["streams_per_rank"])
+        if self.config.streams_per_rank not in (None, streams):
+            raise ValueError(f"loader state has streams_per_rank={streams}, the config {self.config.streams_per_rank}: "
+                             "streams are part of the shard split; set streams_per_rank to the saved value")
+        if streams % max(1, self.config.num_workers):
+            options = [k for k in range(1, streams + 1) if streams % k == 0]
+            raise ValueError(f"num_workers={self.config.num_workers} cannot resume a state of {streams} streams per "
+                             f"rank: use num_workers in {options}")
+        self._set_streams(streams)
+        self._batches = int(state["batches"])
+        self._cursors = [Cursor.from_list(c) for c in state["cursors"]]
+        self._skips = Counter({k: int(v) for k, v in state["skip_counts"].items()})

@@ -1,0 +1,129 @@
+"""From tar members to training samples, in two steps split by the shuffle buffer:
+
+- `read_candidates` (before the buffer): checks that need no decoding — the sample has an image (or
+  latent), a caption, metadata passing the filters. Cheap, and replayed on resume.
+- `Decoder` (after the buffer): decodes and transforms one candidate with its own RNG, seeded by
+  (seed, epoch, shard, index in shard), so caption dropout and random crops do not depend on the
+  order samples arrive in, on the worker that decodes them, or on a resume.
+Every sample that does not become a training sample is counted under a reason.
+"""
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from data.filters_runtime import reject_reason
+from data.latent_format import CONTEXT_EXT, LATENT_EXT, UNCOND_KEY, decode_context, decode_latent
+from data.shard_io import iter_shard_samples
+from data.stages import SubsetFilter
+from data.transforms import decode_resize_crop
+
+NO_IMAGE = "no_image"  # no .jpg/.jpeg/.png/.webp member (or no .latent.npy in latents mode)
+NO_CAPTION = "no_caption"  # no .txt member, or an empty / whitespace-only one
+CORRUPT_IMAGE = "corrupt_image"  # PIL cannot decode it (corrupt or truncated JPEG, not an image, ...)
+BAD_LATENT = "bad_latent"  # .latent.npy that does not load or has the wrong shape for the resolution
+NO_CONTEXT = "no_context"  # contexts requested, but the sample has no (valid) .ctx.npy
+NO_UNCOND = "no_uncond_context"  # contexts requested, but the shard has no __uncond__.ctx.npy
+RESUME_INEXACT = "resume_inexact"  # the data changed since the state was saved; see plan.stream_items
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass(slots=True)
+class Candidate:
+    shard: int
+    index: int  # sample position in the shard's tar
+    key: str
+    caption: str
+    meta: dict
+    payload: bytes  # encoded image, or the .latent.npy bytes
+    context: bytes | None = None
+    uncond: bytes | None = None
+
+
+def _parse_meta(data: bytes | None) -> dict:
+    if data is None:
+        return {}
+    try:
+        meta = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return {}  # a filter that needs a field then drops the sample, counted under its reason
+    return meta if isinstance(meta, dict) else {}
+
+
+def read_candidates(url: str, shard: int, filters: SubsetFilter | None, latents: bool, context: bool,
+                    counts: Counter) -> Iterator[Candidate]:
+    uncond = None
+    for index, key, members in iter_shard_samples(url, counts):
+        if key.rsplit("/", 1)[-1] == UNCOND_KEY:
+            uncond = members.get(CONTEXT_EXT)
+            continue
+        if latents:
+            payload = members.get(LATENT_EXT)
+        else:
+            payload = next((members[e] for e in IMAGE_EXTS if e in members), None)
+        if payload is None:
+            counts[NO_IMAGE] += 1
+            continue
+        text = members.get("txt")
+        caption = text.decode("utf-8", errors="replace").strip() if text is not None else ""
+        if not caption:
+            counts[NO_CAPTION] += 1
+            continue
+        meta = _parse_meta(members.get("json"))
+        reason = reject_reason(filters, meta) if filters is not None else None
+        if reason is not None:
+            counts[reason] += 1
+            continue
+        ctx = None
+        if context:
+            if uncond is None:
+                counts[NO_UNCOND] += 1
+                continue
+            ctx = members.get(CONTEXT_EXT)
+            if ctx is None:
+                counts[NO_CONTEXT] += 1
+                continue
+        yield Candidate(shard, index, key, caption, meta, payload, ctx, uncond)
+
+
+class Decoder:
+    """Candidate -> sample dict, or None (counted) when it cannot be decoded."""
+
+    def __init__(self, seed: int, resolution: int, crop: str, caption_dropout: float, latents: bool, context: bool):
+        self.seed, self.resolution, self.crop = seed, resolution, crop
+        self.caption_dropout, self.latents, self.context = caption_dropout, latents, context
+
+    def __call__(self, epoch: int, c: Candidate, counts: Counter) -> dict | None:
+        rng = random.Random(f"sample/{self.seed}/{epoch}/{c.shard}/{c.index}")
+        # Always drawn first, so the crop offsets do not depend on the dropout probability.
+        dropped = rng.random() < self.caption_dropout
+        sample = {"key": c.key, "caption": "" if dropped else c.caption, "dropped": dropped, "json": c.meta}
+        if not self.latents:
+            try:
+                sample["image"] = decode_resize_crop(c.payload, self.resolution, self.crop, rng)
+            except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+                counts[CORRUPT_IMAGE] += 1
+                return None
+            return sample
+        try:
+            sample["latent_mean"], sample["latent_std"] = decode_latent(c.payload, self.resolution // 8)
+        except (ValueError, OSError, EOFError):
+            counts[BAD_LATENT] += 1
+            return None
+        if self.context:
+            try:
+                sample["context"] = decode_context(c.uncond if dropped else c.context)
+            except (ValueError, OSError, EOFError):
+                counts[NO_UNCOND if dropped else NO_CONTEXT] += 1
+                return None
+        return sample
+
+
+def stack(samples: list[dict], name: str) -> np.ndarray:
+    return np.stack([s[name] for s in samples])

@@ -1,0 +1,125 @@
+"""Precomputed latent shards round trip: the stored posterior mean/std are the VAE's on the loader's
+crop, the stored contexts are the text encoder's on the caption, CLIP("") is in every shard, keys,
+captions and metadata carry over, broken samples are counted, and a re-run resumes."""
+import io
+import json
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from data.latent_format import UNCOND_KEY, decode_context, decode_latent
+from data.precompute import UNDECODABLE_IMAGE, PrecomputeConfig, load_models, precompute_shards
+from data.shard_io import iter_shard_samples
+from data.synth import write_synthetic_shards
+from data.transforms import decode_resize_crop, to_pixels
+from models.configs import TextEncoderConfig, tiny
+from models.text_encoder import FrozenCLIPTextEncoder
+from models.tokenizer import CLIPTokenizer
+from models.vae import AutoencoderKL
+
+RESOLUTION = 64
+# The latent format stores [77, 768] contexts, so the text encoder has CLIP-L's width (one thin layer).
+TEXT_CFG = TextEncoderConfig(hidden_size=768, intermediate_size=64, num_hidden_layers=1, num_attention_heads=12)
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    return AutoencoderKL(tiny().vae).eval(), FrozenCLIPTextEncoder(TEXT_CFG), CLIPTokenizer()
+
+
+def read_shard(path):
+    samples = {}
+    for _, key, sample in iter_shard_samples(str(path), Counter()):
+        samples[key] = sample
+    return samples
+
+
+def add_broken_shard(path):
+    """A shard with a good sample, a truncated JPEG and a sample without an image."""
+    good = next(iter(read_shard(path.parent / "00000.tar").items()))
+    with tarfile.open(path, "w") as tar:
+        def add(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        add("900000001.jpg", good[1]["jpg"])
+        add("900000001.txt", b"kept")
+        add("900000001.json", b"{}")
+        add("900000002.jpg", good[1]["jpg"][:200])
+        add("900000002.txt", b"truncated")
+        add("900000003.txt", b"no image")
+
+
+def test_latent_shards_round_trip(models, tmp_path):
+    vae, text_encoder, tokenizer = models
+    src = tmp_path / "images"
+    write_synthetic_shards(src, num_shards=2, samples_per_shard=5, image_size=RESOLUTION, seed=3)
+    add_broken_shard(src / "00002.tar")
+    cfg = PrecomputeConfig(resolution=RESOLUTION, batch_size=3, decode_workers=2)
+    report = precompute_shards(src, tmp_path / "latents", vae, text_encoder, tokenizer, cfg, progress=False)
+
+    assert report.samples_in == 13 and report.samples_written == 11 and report.latent_size == 8
+    assert report.dropped == {UNDECODABLE_IMAGE: 1, "no_image": 1}
+    assert [p.rsplit("/", 1)[-1] for p in report.shards_written] == ["00000.tar", "00001.tar", "00002.tar"]
+    saved = json.loads((tmp_path / "latents.precompute.json").read_text())
+    assert saved["samples_written"] == 11 and saved["config"]["resolution"] == RESOLUTION
+
+    with torch.no_grad():
+        uncond = text_encoder(tokenizer([""]))[0].numpy()
+    for name in ("00000.tar", "00001.tar", "00002.tar"):
+        images, latents = read_shard(src / name), read_shard(tmp_path / "latents" / name)
+        with tarfile.open(tmp_path / "latents" / name) as tar:
+            assert tar.getnames()[0] == f"{UNCOND_KEY}.ctx.npy"  # first member, as the format requires
+        np.testing.assert_allclose(decode_context(latents.pop(UNCOND_KEY)["ctx.npy"]), uncond, rtol=2e-3, atol=2e-3)
+        expected_keys = [k for k, s in images.items() if "jpg" in s and k != "900000002"]
+        assert list(latents) == expected_keys  # same keys, same order
+        for key, stored in latents.items():
+            image = decode_resize_crop(images[key]["jpg"], RESOLUTION, crop="center")
+            with torch.no_grad():
+                posterior = vae.encode(to_pixels([image]))
+                context = text_encoder(tokenizer([images[key]["txt"].decode()]))[0]
+            mean, std = decode_latent(stored["latent.npy"], 8)
+            # float16 storage: ~3 significant digits.
+            np.testing.assert_allclose(mean, posterior.mean[0].numpy(), rtol=2e-3, atol=2e-3)
+            np.testing.assert_allclose(std, posterior.std[0].numpy(), rtol=2e-3, atol=1e-4)
+            assert (std > 0).all()
+            np.testing.assert_allclose(decode_context(stored["ctx.npy"]), context.numpy(), rtol=2e-3, atol=2e-3)
+            assert stored["txt"] == images[key]["txt"]
+            assert json.loads(stored["json"]) == json.loads(images[key].get("json", b"{}"))
+
+    # Re-running resumes: complete shards are left alone, a missing one is redone.
+    (tmp_path / "latents" / "00001.tar").unlink()
+    before = (tmp_path / "latents" / "00000.tar").stat().st_mtime_ns
+    again = precompute_shards(src, tmp_path / "latents", vae, text_encoder, tokenizer, cfg, progress=False)
+    assert [p.rsplit("/", 1)[-1] for p in again.shards_written] == ["00001.tar"] and len(again.shards_skipped) == 2
+    assert (tmp_path / "latents" / "00000.tar").stat().st_mtime_ns == before
+
+
+def test_latents_only_and_parts(models, tmp_path):
+    vae, _, _ = models
+    src = tmp_path / "images"
+    write_synthetic_shards(src, num_shards=3, samples_per_shard=2, image_size=RESOLUTION, seed=4)
+    written = []
+    for index in range(2):
+        cfg = PrecomputeConfig(resolution=RESOLUTION, text=False, part=(index, 2), decode_workers=1)
+        report = precompute_shards(src, tmp_path / "latents", vae, config=cfg, progress=False)
+        written += [p.rsplit("/", 1)[-1] for p in report.shards_written]
+    assert sorted(written) == ["00000.tar", "00001.tar", "00002.tar"] and written[:2] == ["00000.tar", "00002.tar"]
+    assert (tmp_path / "latents.precompute-1-of-2.json").is_file()
+    sample = next(iter(read_shard(tmp_path / "latents" / "00001.tar").values()))
+    assert set(sample) == {"latent.npy", "txt", "json"}  # no context, and no __uncond__ member
+
+
+def test_text_encoder_narrower_than_the_format_is_refused(tmp_path):
+    vae, text_encoder = load_models(None, arch="tiny")  # tiny: 32-wide contexts
+    src = tmp_path / "images"
+    write_synthetic_shards(src, num_shards=1, samples_per_shard=1, image_size=RESOLUTION)
+    with pytest.raises(ValueError, match="--no-text"):
+        precompute_shards(src, tmp_path / "out", vae, text_encoder, CLIPTokenizer(),
+                          PrecomputeConfig(resolution=RESOLUTION), progress=False)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        PrecomputeConfig(resolution=100)

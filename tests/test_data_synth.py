@@ -1,0 +1,95 @@
+"""Synthetic img2dataset-format shards (data/synth.py) and the decode/resize/crop transform."""
+import io
+import json
+import random
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.synth import write_synthetic_shards
+from data.transforms import decode_resize_crop, to_pixels
+
+
+def read_shard(path):
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar]
+
+
+def test_img2dataset_layout_and_determinism(tmp_path):
+    paths = write_synthetic_shards(tmp_path / "a", 2, 5, image_size=48, seed=7)
+    assert [p.name for p in paths] == ["00000.tar", "00001.tar"]
+    assert {p.name for p in (tmp_path / "a").iterdir()} >= {"00000.tar", "00000_stats.json", "00001_stats.json"}
+    members = read_shard(paths[1])
+    assert [n for n, _ in members[:3]] == ["000010000.jpg", "000010000.txt", "000010000.json"]
+    assert len(members) == 15
+    meta = json.loads(members[2][1])
+    for column in ("url", "caption", "key", "status", "width", "height", "original_width", "original_height",
+                   "aesthetic", "pwatermark", "punsafe", "similarity"):
+        assert column in meta
+    assert meta["status"] == "success" and meta["caption"] == members[1][1].decode()
+    assert json.loads((tmp_path / "a" / "00001_stats.json").read_text())["successes"] == 5
+    again = write_synthetic_shards(tmp_path / "b", 2, 5, image_size=48, seed=7)
+    assert read_shard(again[1]) == members
+    other = write_synthetic_shards(tmp_path / "c", 2, 5, image_size=48, seed=8)
+    assert read_shard(other[1]) != members
+
+
+def test_images_show_the_captioned_colour_and_sizes_vary(tmp_path):
+    paths = write_synthetic_shards(tmp_path, 4, 25, image_size=64)
+    metas = []
+    for path in paths:
+        members = dict(read_shard(path))
+        for name, data in members.items():
+            if not name.endswith(".json"):
+                continue
+            meta = json.loads(data)
+            metas.append(meta)
+            assert meta["caption"].endswith(f"{meta['color']} {meta['shape']} on a {meta['background']} background")
+            image = np.asarray(Image.open(io.BytesIO(members[f"{meta['key']}.jpg"])))
+            assert image.shape[:2] == (meta["height"], meta["width"]) and min(image.shape[:2]) == 64
+            x0, y0, x1, y1 = meta["shape_box"]
+            centre = image[(y0 + y1) // 2, (x0 + x1) // 2].astype(int)
+            assert np.abs(centre - meta["color_rgb"]).max() < 40, meta
+            assert np.abs(image[1, 1].astype(int) - meta["background_rgb"]).max() < 40, meta
+    shorter = [min(m["original_width"], m["original_height"]) for m in metas]
+    assert min(shorter) < 512 and max(shorter) >= 1024
+    assert any(m["aesthetic"] > 5 for m in metas) and any(m["aesthetic"] <= 5 for m in metas)
+    assert any(m["pwatermark"] >= 0.5 for m in metas) and any(m["punsafe"] >= 0.1 for m in metas)
+    assert len({m["color"] for m in metas}) >= 5 and len({m["shape"] for m in metas}) == 4
+
+
+def jpeg(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("size,resolution", [((2048, 1024), 256), ((1536, 1024), 512), ((100, 300), 64)])
+def test_resize_centre_crop_keeps_the_middle(size, resolution):
+    w, h = size
+    # Thirds along the longer side: red, green, blue. The centre crop must be mostly green.
+    image = np.zeros((h, w, 3), np.uint8)
+    long_axis = 1 if w >= h else 0
+    n = image.shape[long_axis]
+    for i, rgb in enumerate(((255, 0, 0), (0, 255, 0), (0, 0, 255))):
+        index = [slice(None), slice(None)]
+        index[long_axis] = slice(i * n // 3, (i + 1) * n // 3)
+        image[tuple(index)] = rgb
+    out = decode_resize_crop(jpeg(image), resolution, "center")
+    assert out.shape == (resolution, resolution, 3) and out.dtype == np.uint8
+    middle = out[resolution // 4: 3 * resolution // 4, resolution // 4: 3 * resolution // 4].astype(int)
+    assert np.abs(middle - (0, 255, 0)).max() < 30
+    pixels = to_pixels([out, out])
+    assert pixels.shape == (2, 3, resolution, resolution) and -1 <= pixels.min() and pixels.max() <= 1
+
+
+def test_random_crop_is_reproducible_from_the_rng():
+    data = jpeg(np.random.default_rng(0).integers(0, 255, (120, 400, 3), dtype=np.uint8))
+    a = decode_resize_crop(data, 64, "random", random.Random(1))
+    assert np.array_equal(a, decode_resize_crop(data, 64, "random", random.Random(1)))
+    crops = {decode_resize_crop(data, 64, "random", random.Random(s)).tobytes() for s in range(5)}
+    assert len(crops) > 1
+    with pytest.raises(OSError):
+        decode_resize_crop(data[:300], 64, "center")
