@@ -46,6 +46,10 @@ def _keys(module: torch.nn.Module) -> list[str]:
     return list(module.state_dict().keys())
 
 
+def _shapes(module: torch.nn.Module) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in module.state_dict().items()}
+
+
 def to_ldm_weights(m: SDModels, unet_ema: dict[str, torch.Tensor] | None = None, ema_decay: float | None = None,
                    ema_num_updates: int | None = None) -> ldm.LDMWeights:
     ema = unet_ema if unet_ema is not None else m.unet_ema
@@ -79,16 +83,20 @@ def load_ldm_checkpoint(path: str | Path, cfg: SDConfig) -> SDModels:
     """Load an original `sd-v1-*.ckpt` (EMA-only or full-ema) or its safetensors twin, strictly."""
     path = Path(path)
     sd, step = ldm.read_checkpoint(path)
-    m = build_models(cfg)
-    try:
+    try:  # check every key and shape against a meta-device copy before paying for a real model
         weights = split_ldm(sd, cfg)
-        load_strict(m.unet, weights.unet, "UNet")
-        load_strict(m.vae, weights.vae, "VAE")
-        load_strict(m.text_encoder, weights.text_encoder, "text encoder")
+        shapes = build_models(cfg, "meta")
+        check_shapes(_shapes(shapes.unet), weights.unet, "UNet")
+        check_shapes(_shapes(shapes.vae), weights.vae, "VAE")
+        check_shapes(_shapes(shapes.text_encoder), weights.text_encoder, "text encoder")
         if weights.unet_ema is not None:
-            check_shapes({k: v.shape for k, v in m.unet.state_dict().items()}, weights.unet_ema, "UNet EMA")
+            check_shapes(_shapes(shapes.unet), weights.unet_ema, "UNet EMA")
     except KeyMismatchError as err:
         raise KeyMismatchError(f"{path}: {err}\n(is the architecture right? tiny models need --arch tiny)") from None
+    m = build_models(cfg)
+    load_strict(m.unet, weights.unet, "UNet")
+    load_strict(m.vae, weights.vae, "VAE")
+    load_strict(m.text_encoder, weights.text_encoder, "text encoder")
     _check_schedule(weights.schedule, m.schedule, path)
     m.unet_ema, m.global_step = weights.unet_ema, step
     return m

@@ -1,0 +1,230 @@
+"""DDIM, PLMS and classifier-free guidance against diffusers (DDIMScheduler, PNDMScheduler with
+skip_prk_steps, and the whole StableDiffusionPipeline) on the same tiny UNet, plus the places where
+diffusers and the CompVis original part ways.
+
+What these tests establish (numbers from a 2-core CPU run, float32):
+- DDIMScheduler(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False) is CompVis DDIM, eta = 0
+  and eta > 0 alike, whenever 1000 // S * S leaves no room for an extra step (S = 50, 25, 20, 10, ...).
+- PNDMScheduler(skip_prk_steps=True) is CompVis PLMS. Its timestep list repeats the second timestep
+  ([981, 961, 961, 941, ...], S + 1 entries): the repeat is not an extra step but the second model call
+  of the original's pseudo improved Euler warm-up (the original makes it inside its first step); both
+  evaluate the model at the same (x, t) sequence. Its update is the PNDM paper's eq. (9), algebraically
+  the DDIM eta = 0 update; the two agree to float32 rounding.
+- Where they differ: (1) S with 1000 % S large enough, e.g. S = 30: the original's arange(0, 1000, 33)
+  has 31 entries and it runs 31 steps; diffusers runs 30. (2) diffusers computes the schedule in float32
+  (linspace, square, cumprod), the original in float64 then casts: alphas_cumprod differ by up to 1e-6
+  relative, which moved 10-step samples of the tiny UNet by ~4e-7 relative.
+- The whole StableDiffusionPipeline (its own UNet2DConditionModel, AutoencoderKL, CLIPTextModel and
+  tokenizer, loaded from the folder our adapter writes) gives the same latents and images as
+  tools.sample for PLMS and DDIM with guidance: the uncond context, latent scaling and decode agree.
+"""
+import pytest
+import torch
+from diffusers import DDIMScheduler, PNDMScheduler
+
+from conftest import rel_err
+from models.configs import tiny
+from models.guidance import ClassifierFreeGuidance
+from models.samplers import (ddim_coefficients, ddim_sample, ddim_timesteps, initial_noise, plms_sample, step_noise)
+from models.schedule import DDPMSchedule
+from models.unet import UNetModel
+
+CFG = tiny()
+# SD v1's scheduler settings (PNDM has no clip_sample; DDIM needs it off).
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+DDIM = dict(SCHEDULE, clip_sample=False)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return UNetModel(CFG.unet).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def abar():
+    return DDPMSchedule(CFG.schedule).alphas_cumprod
+
+
+class Recorder:
+    """An epsilon predictor that remembers where it was called."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, x, t, cond):
+        self.calls.append((int(t[0]), x.clone()))
+        return self.fn(x, t, cond)
+
+
+def _setup(unet, scale=3.0, batch=2, size=8):
+    torch.manual_seed(1)
+    cond = torch.randn(batch, 77, CFG.unet.context_dim)
+    uncond = torch.randn(1, 77, CFG.unet.context_dim)
+    x_t, _ = initial_noise(list(range(batch)), (4, size, size))
+    return ClassifierFreeGuidance(unet, uncond, scale), x_t, cond
+
+
+def _with_our_schedule(scheduler, abar):
+    """diffusers' own alphas_cumprod is computed in float32; give it the original's (float64, cast)."""
+    scheduler.alphas_cumprod = abar.clone()
+    scheduler.final_alpha_cumprod = abar[0].clone()
+    return scheduler
+
+
+def test_timesteps_are_the_originals_and_diffusers_leading_plus_one():
+    assert ddim_timesteps(50).tolist() == list(range(1, 1000, 20))  # make_ddim_timesteps: arange(0, T, c) + 1
+    for steps in (50, 25, 10, 1):
+        s = DDIMScheduler(**DDIM)
+        s.set_timesteps(steps)
+        assert s.timesteps.flip(0).tolist() == ddim_timesteps(steps).tolist()
+    # S = 30: c = 33 and arange(0, 1000, 33) has 31 entries; the original runs them all, diffusers 30.
+    s = DDIMScheduler(**DDIM)
+    s.set_timesteps(30)
+    ours = ddim_timesteps(30)
+    assert len(ours) == 31 and len(s.timesteps) == 30 and s.timesteps.flip(0).tolist() == ours[:30].tolist()
+    quad = ddim_timesteps(10, discretization="quad")
+    assert len(quad) == 10 and quad[0] == 1 and bool((quad.diff() > 0).all()) and int(quad[-1]) == 801
+    with pytest.raises(ValueError, match="between 1 and"):
+        ddim_timesteps(0)
+
+
+def test_coefficients_follow_make_ddim_sampling_parameters(abar):
+    ts = ddim_timesteps(50)
+    c = ddim_coefficients(abar, ts, eta=0.5)
+    assert torch.equal(c.alphas, abar[ts]) and c.alphas_prev[0] == abar[0] and torch.equal(c.alphas_prev[1:], abar[ts[:-1]])
+    a, ap = abar[ts].double(), c.alphas_prev.double()
+    expected = 0.5 * ((1 - ap) / (1 - a) * (1 - a / ap)).sqrt()
+    assert torch.allclose(c.sigmas.double(), expected, rtol=1e-6, atol=0)
+    assert torch.equal(ddim_coefficients(abar, ts, eta=0.0).sigmas, torch.zeros(50))
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_ddim_equals_diffusers_ddim_scheduler(unet, abar, eta):
+    steps = 10
+    denoiser, x_t, cond = _setup(unet)
+    ours = ddim_sample(denoiser, x_t, ddim_timesteps(steps), cond, alphas_cumprod=abar, eta=eta,
+                       generator=[torch.Generator().manual_seed(10 + i) for i in range(2)])
+
+    def run_diffusers(scheduler):
+        gens = [torch.Generator().manual_seed(10 + i) for i in range(2)]
+        scheduler.set_timesteps(steps)
+        x = x_t.clone()
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                eps = denoiser(x, t.expand(2), cond)
+                noise = step_noise(x, gens) if eta > 0 else None
+                x = scheduler.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+        return x
+
+    assert rel_err(ours, run_diffusers(_with_our_schedule(DDIMScheduler(**DDIM), abar))) <= 2e-6
+    # With diffusers' own float32 schedule (abar off by up to 1e-6 relative) samples move by < 1e-6 here.
+    assert rel_err(ours, run_diffusers(DDIMScheduler(**DDIM))) <= 5e-6
+
+
+def test_plms_equals_diffusers_pndm_skip_prk(unet, abar):
+    steps = 10
+    denoiser, x_t, cond = _setup(unet)
+    ours_model = Recorder(denoiser)
+    ours = plms_sample(ours_model, x_t, ddim_timesteps(steps), cond, alphas_cumprod=abar)
+
+    scheduler = _with_our_schedule(PNDMScheduler(**{**SCHEDULE, "skip_prk_steps": True}), abar)
+    scheduler.set_timesteps(steps)
+    theirs_model = Recorder(denoiser)
+    x = x_t.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(theirs_model(x, t.expand(2), cond), t, x).prev_sample
+
+    # diffusers lists the second timestep twice; the original calls the model there twice inside step 1.
+    assert scheduler.timesteps.tolist()[:4] == [901, 801, 801, 701]
+    assert [t for t, _ in ours_model.calls] == scheduler.timesteps.tolist()  # S + 1 = 11 calls at the same t's
+    assert len(ours_model.calls) == steps + 1
+    for (_, a), (_, b) in zip(ours_model.calls, theirs_model.calls):
+        assert rel_err(a, b) <= 2e-6  # ... and at the same x's
+    assert rel_err(ours, x) <= 2e-6
+
+    # The step count differs where the original's arange yields more than S timesteps.
+    uneven = Recorder(denoiser)
+    plms_sample(uneven, x_t, ddim_timesteps(30), cond, alphas_cumprod=abar)
+    scheduler.set_timesteps(30)
+    assert len(uneven.calls) == 32 and len(scheduler.timesteps) == 31
+
+
+def test_plms_refuses_eta_and_adams_bashforth_weights_sum_to_one(unet, abar):
+    denoiser, x_t, cond = _setup(unet)
+    with pytest.raises(ValueError, match="eta=0"):
+        plms_sample(denoiser, x_t, ddim_timesteps(5), cond, alphas_cumprod=abar, eta=0.1)
+    # A model with constant eps: every multistep combination returns that eps, so PLMS equals DDIM.
+    const = torch.randn_like(x_t)
+    model = lambda x, t, c: const  # noqa: E731
+    ts = ddim_timesteps(8)
+    assert rel_err(plms_sample(model, x_t, ts, cond, alphas_cumprod=abar),
+                   ddim_sample(model, x_t, ts, cond, alphas_cumprod=abar)) <= 1e-6
+
+
+def test_guidance_combines_one_batch_and_scale_one_is_the_plain_model(unet):
+    denoiser, x_t, cond = _setup(unet, scale=4.0)
+    t = torch.tensor([500, 500])
+    e_u = unet(x_t, t, denoiser.uncond.expand(2, -1, -1))
+    e_c = unet(x_t, t, cond)
+    assert rel_err(denoiser(x_t, t, cond), e_u + 4.0 * (e_c - e_u)) <= 1e-5
+    batches = []
+    counting = lambda x, t, c: batches.append(x.shape[0]) or unet(x, t, c)  # noqa: E731
+    ClassifierFreeGuidance(counting, denoiser.uncond, 1.0)(x_t, t, cond)
+    ClassifierFreeGuidance(counting, denoiser.uncond, 7.5)(x_t, t, cond)
+    assert batches == [2, 4]
+
+
+def test_seeded_noise_does_not_depend_on_the_batch(unet, abar):
+    denoiser, _, cond = _setup(unet, batch=3)
+    x3, gens3 = initial_noise([5, 6, 7], (4, 8, 8))
+    x1, gens1 = initial_noise([6], (4, 8, 8))
+    assert torch.equal(x3[1:2], x1)
+    ts = ddim_timesteps(4)
+    both = ddim_sample(denoiser, x3, ts, cond, alphas_cumprod=abar, eta=1.0, generator=gens3)
+    one = ddim_sample(denoiser, x1, ts, cond[1:2], alphas_cumprod=abar, eta=1.0, generator=gens1)
+    assert rel_err(both[1:2], one) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    """One random tiny model as an original checkpoint and as a diffusers pipeline folder."""
+    from models.adapters.diffusers_folder import save_diffusers
+    from models.stable_diffusion import build_models, save_ldm_checkpoint
+
+    torch.manual_seed(0)
+    m = build_models(CFG)
+    root = tmp_path_factory.mktemp("tiny")
+    save_ldm_checkpoint(root / "tiny.ckpt", m)
+    save_diffusers(root / "pipe", CFG, m.unet.state_dict(), m.vae.state_dict(), m.text_encoder.state_dict(),
+                   sample_size=8)
+    return root
+
+
+@pytest.mark.parametrize("sampler", ["plms", "ddim"])
+def test_txt2img_equals_diffusers_pipeline(tiny_files, sampler):
+    from diffusers import StableDiffusionPipeline
+
+    from tools.sample import SamplingConfig, decode, load_sampling_models, sample_latents, to_uint8
+
+    prompts, seeds = ["a red bus", "two cats on a sofa"], [3, 4]
+    cfg = SamplingConfig(sampler=sampler, steps=10, scale=5.0, height=64, width=64)
+    ours = load_sampling_models(tiny_files / "tiny.ckpt", arch="tiny")
+    z = sample_latents(ours, prompts, seeds, cfg)
+    images = decode(ours, z, cfg)
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_files / "pipe", safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    if sampler == "ddim":  # the folder ships the PNDM (PLMS) config SD v1 releases use
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    x_t, _ = initial_noise(seeds, (4, 8, 8))
+    kwargs = dict(height=64, width=64, num_inference_steps=10, guidance_scale=5.0)
+    z_theirs = pipe(prompts, latents=x_t.clone(), output_type="latent", **kwargs).images
+    images_theirs = pipe(prompts, latents=x_t.clone(), output_type="pt", **kwargs).images
+    assert rel_err(z, z_theirs) <= 5e-6
+    assert (images - images_theirs).abs().max() <= 1e-5
+    # txt2img truncates (astype(np.uint8)); diffusers' numpy output rounds.
+    assert torch.equal(to_uint8(images), (255 * images).floor().permute(0, 2, 3, 1).to(torch.uint8))

@@ -1,0 +1,244 @@
+"""Text-to-image with SD v1 weights, as CompVis `scripts/txt2img.py` does it.
+
+    python -m tools.sample CKPT --prompt "a red bus" [--prompt ...] --seed 42 [--n-samples 1]
+        [--scale 7.5] [--steps 50] [--sampler plms|ddim] [--eta 0] [--H 512] [--W 512]
+        [--ema | --no-ema] [--arch sd-v1|tiny] [--out outputs/samples] [--device cuda] [--precision autocast|full]
+
+CKPT is an original `.ckpt`/`.safetensors` (released or written by this repo's trainer, EMA-only or
+full-ema) or a diffusers pipeline folder. Image k (prompt by prompt, sample by sample) uses seed
+`--seed + k`: the noise x_T [1, 4, H/8, W/8] is drawn on the CPU from that seed alone, so any image of an
+evaluation can be regenerated from its caption and seed, on any device and in any batch.
+
+After sampling, latents are decoded with 1/0.18215, mapped by clamp((x + 1) / 2, 0, 1) and quantised to
+uint8 by truncation, `(255 * x).astype(np.uint8)` as txt2img does (diffusers rounds instead).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.adapters import ldm_checkpoint as ldm
+from models.adapters.keys import load_strict
+from models.guidance import ClassifierFreeGuidance, unconditional_context
+from models.samplers import DISCRETIZATIONS, SAMPLERS, ddim_timesteps, initial_noise
+from models.stable_diffusion import SDModels, build_models, load_ldm_checkpoint
+from models.text_encoder import FrozenCLIPTextEncoder, encode_prompts
+from models.tokenizer import CLIPTokenizer
+from models.unet import UNetModel
+from models.vae import AutoencoderKL
+from tools.convert import ARCHS
+
+PRECISIONS = ("autocast", "full")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How images are drawn; the defaults are the SD v1 model card's evaluation (50 PLMS steps, 512x512)."""
+
+    sampler: str = "plms"
+    steps: int = 50
+    scale: float = 7.5
+    eta: float = 0.0
+    height: int = 512
+    width: int = 512
+    discretization: str = "uniform"
+    # "autocast": float16 autocast on CUDA, txt2img's default (ignored on CPU); "full": float32 everywhere.
+    precision: str = "autocast"
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler={self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        if self.sampler == "plms" and self.eta != 0:
+            raise ValueError(f"eta={self.eta} needs the DDIM sampler: PLMS is deterministic (set --sampler ddim or eta 0)")
+        if self.eta < 0:
+            raise ValueError(f"eta={self.eta} must be >= 0")
+        if not 1 <= self.steps <= 1000:
+            raise ValueError(f"steps={self.steps}: choose between 1 and 1000")
+        if self.discretization not in DISCRETIZATIONS:
+            raise ValueError(f"discretization={self.discretization!r}: choose one of {', '.join(DISCRETIZATIONS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.height <= 0 or self.width <= 0:
+            raise ValueError(f"image size {self.height}x{self.width} must be positive")
+
+
+@dataclass
+class SamplingModels:
+    """The inference parts of one checkpoint, in eval mode on one device."""
+
+    unet: UNetModel
+    vae: AutoencoderKL
+    text_encoder: FrozenCLIPTextEncoder
+    tokenizer: CLIPTokenizer
+    alphas_cumprod: torch.Tensor  # float32, CPU: what the original samplers read
+    uncond: torch.Tensor  # CLIP("") [1, 77, C]
+    device: torch.device
+    weights: str  # which UNet weights these are, in words
+
+
+def _load_parts(source: Path, arch: str, ema: bool | None) -> tuple[SDModels, str]:
+    if source.is_dir():
+        from models.adapters.diffusers_folder import load_diffusers
+
+        if ema is False:
+            raise ValueError(f"{source}: a diffusers folder holds one UNet; --no-ema only applies to full-ema checkpoints")
+        cfg, parts = load_diffusers(source)
+        m = build_models(cfg)
+        load_strict(m.unet, parts["unet"], "UNet")
+        load_strict(m.vae, parts["vae"], "VAE")
+        load_strict(m.text_encoder, parts["text_encoder"], "text encoder")
+        return m, f"the UNet of the diffusers folder {source}"
+    if arch not in ARCHS:
+        raise ValueError(f"arch={arch!r}: choose one of {', '.join(sorted(ARCHS))}")
+    m = load_ldm_checkpoint(source, ARCHS[arch]())
+    # pick_unet returns the EMA dict when that is the choice, else the (empty) raw dict we pass: the UNet
+    # module already holds the raw / single copy.
+    chosen, which = ldm.LDMWeights(unet={}, vae={}, text_encoder={}, schedule={}, unet_ema=m.unet_ema).pick_unet(ema)
+    if chosen:
+        m.unet.load_state_dict(chosen, strict=True)
+    m.unet_ema = None  # do not keep a second UNet in memory
+    return m, which
+
+
+def load_sampling_models(source: str | os.PathLike, arch: str = "sd-v1", ema: bool | None = None,
+                         device: torch.device | str = "cpu") -> SamplingModels:
+    """Load a checkpoint for sampling. ema=None: EMA weights when the file has both copies."""
+    m, which = _load_parts(Path(source), arch, ema)
+    device = torch.device(device)
+    unet = m.unet.eval().requires_grad_(False).to(device)
+    vae = m.vae.eval().to(device)
+    text_encoder = m.text_encoder.to(device)
+    tokenizer = CLIPTokenizer()
+    return SamplingModels(unet, vae, text_encoder, tokenizer, m.schedule.alphas_cumprod.detach().cpu().float(),
+                          unconditional_context(tokenizer, text_encoder), device, which)
+
+
+def _precision_scope(cfg: SamplingConfig, device: torch.device):
+    if cfg.precision == "autocast" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def sample_latents(models: SamplingModels, prompts: Sequence[str], seeds: Sequence[int], cfg: SamplingConfig,
+                   scale: float | None = None) -> torch.Tensor:
+    """Final latents [B, 4, H/8, W/8] (float32), one per (prompt, seed). `scale` overrides cfg.scale."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    f = models.vae.cfg.downsample_factor
+    if cfg.height % f or cfg.width % f:
+        raise ValueError(f"image size {cfg.height}x{cfg.width} must be a multiple of the VAE factor {f}")
+    cond = encode_prompts(models.tokenizer, models.text_encoder, list(prompts))
+    x, generators = initial_noise(seeds, (models.unet.cfg.in_channels, cfg.height // f, cfg.width // f), models.device)
+    denoiser = ClassifierFreeGuidance(models.unet, models.uncond, cfg.scale if scale is None else scale)
+    timesteps = ddim_timesteps(cfg.steps, models.alphas_cumprod.numel(), cfg.discretization)
+    with _precision_scope(cfg, models.device):
+        return SAMPLERS[cfg.sampler](denoiser, x, timesteps, cond, alphas_cumprod=models.alphas_cumprod, eta=cfg.eta,
+                                     generator=generators).float()
+
+
+@torch.no_grad()
+def decode(models: SamplingModels, z: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Latents -> images in [0, 1] [B, 3, H, W] float32: decode with 1/scale_factor, clamp((x + 1) / 2, 0, 1)."""
+    with _precision_scope(cfg, models.device):
+        images = models.vae.decode_latents(z.to(next(models.vae.parameters()).dtype))
+    return torch.clamp((images.float() + 1.0) / 2.0, min=0.0, max=1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] float [B, 3, H, W] -> uint8 [B, H, W, 3] on the CPU, truncating like txt2img's astype(np.uint8)."""
+    return (255.0 * images.float()).permute(0, 2, 3, 1).to(torch.uint8).cpu()
+
+
+def txt2img(models: SamplingModels, prompts: Sequence[str], seeds: Sequence[int], cfg: SamplingConfig,
+            scale: float | None = None) -> torch.Tensor:
+    """One image per (prompt, seed): uint8 [B, H, W, 3] on the CPU. `scale` overrides cfg.scale."""
+    return to_uint8(decode(models, sample_latents(models, prompts, seeds, cfg, scale), cfg))
+
+
+def save_png(path: Path, image: torch.Tensor | np.ndarray) -> None:
+    """Write atomically (a temporary name, then rename), so a killed run never leaves a half-written PNG
+    that a resumed run would take for a finished one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _slug(text: str, limit: int = 48) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:limit] or "empty"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, scale: bool = True) -> None:
+    d = SamplingConfig()
+    parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=d.sampler)
+    parser.add_argument("--steps", type=int, default=d.steps, help="DDIM/PLMS steps (T // steps spacing, +1 shift)")
+    if scale:
+        parser.add_argument("--scale", type=float, default=d.scale, help="classifier-free guidance scale (1: none)")
+    parser.add_argument("--eta", type=float, default=d.eta, help="DDIM eta (PLMS needs 0)")
+    parser.add_argument("--H", dest="height", type=int, default=d.height)
+    parser.add_argument("--W", dest="width", type=int, default=d.width)
+    parser.add_argument("--discretization", choices=DISCRETIZATIONS, default=d.discretization)
+    parser.add_argument("--precision", choices=PRECISIONS, default=d.precision)
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="sd-v1",
+                        help="architecture of an original checkpoint (diffusers folders carry their own config)")
+    ema = parser.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="ema", action="store_true", default=None,
+                     help="EMA UNet weights (the default when the checkpoint has both copies)")
+    ema.add_argument("--no-ema", dest="ema", action="store_false", help="raw (non-EMA) UNet weights")
+    parser.add_argument("--device", default=default_device())
+
+
+def sampling_config(args: argparse.Namespace, scale: float = 7.5) -> SamplingConfig:
+    return SamplingConfig(sampler=args.sampler, steps=args.steps, scale=getattr(args, "scale", scale), eta=args.eta,
+                          height=args.height, width=args.width, discretization=args.discretization,
+                          precision=args.precision)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.sample", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="original .ckpt/.safetensors file or diffusers folder")
+    parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the first image; image k uses seed + k")
+    parser.add_argument("--n-samples", type=int, default=1, help="images per prompt")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=Path("outputs/samples"))
+    add_sampling_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = sampling_config(args)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.n_samples < 1 or args.batch_size < 1:
+        parser.error("--n-samples and --batch-size must be >= 1")
+
+    models = load_sampling_models(args.checkpoint, args.arch, args.ema, args.device)
+    print(f"UNet: {models.weights}", file=sys.stderr)
+    jobs = [(p, args.seed + k) for k, p in enumerate(p for p in args.prompt for _ in range(args.n_samples))]
+    for start in range(0, len(jobs), args.batch_size):
+        batch = jobs[start:start + args.batch_size]
+        images = txt2img(models, [p for p, _ in batch], [s for _, s in batch], cfg)
+        for (prompt, seed), image in zip(batch, images):
+            path = args.out / f"{seed:08d}-{_slug(prompt)}.png"
+            save_png(path, image.numpy())
+            print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

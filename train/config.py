@@ -1,0 +1,251 @@
+"""The training config schema: typed dataclasses registered as Hydra structured configs.
+
+YAML under `conf/` holds values only; every cross-field rule is checked in `validate()` at start-up
+with a message that says what to change.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from models import configs as model_configs
+
+
+@dataclass
+class ModelConfig:
+    # "sd-v1" (860M UNet), "tiny" (same architecture, toy width: tests and the embedded default).
+    arch: str = "sd-v1"
+    attention_backend: str = "sdpa"
+    activation_checkpointing: bool = False
+    # Frozen parts come from here (an original .ckpt / safetensors); None = random init (tests, toy runs).
+    pretrained_first_stage: Optional[str] = None
+
+    def sd_config(self) -> model_configs.SDConfig:
+        base = {"sd-v1": model_configs.sd_v1, "tiny": model_configs.tiny}[self.arch]()
+        from dataclasses import replace
+
+        unet = replace(base.unet, attention_backend=self.attention_backend,
+                       activation_checkpointing=self.activation_checkpointing)
+        return replace(base, unet=unet)
+
+
+@dataclass
+class DataConfig:
+    # WebDataset shard URLs: a brace pattern ("/data/laion/{00000..09999}.tar"), `pipe:` URLs work too.
+    shards: str = "???"
+    resolution: int = 256
+    num_workers: int = 4
+    caption_dropout: float = 0.0
+    crop: str = "center"
+    # Per-sample filter preset applied in the loader (for shards made without it); None = keep all.
+    subset: Optional[str] = None
+    # Shards hold precomputed VAE latents (and maybe text embeddings) instead of images.
+    latents: bool = False
+    context: bool = False
+    shuffle_buffer: int = 1000
+    shards_per_group: int = 4
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    # LR multiplier rises linearly from warmup_start to 1 over warmup_steps optimiser steps, then stays 1.
+    warmup_steps: int = 10_000
+    warmup_start: float = 1e-6
+    # CompVis' --scale_lr multiplied the LR by the batch size; SD v1 did not use it. Kept only to refuse it.
+    scale_lr: bool = False
+    grad_clip: Optional[float] = None
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = True
+    max_decay: float = 0.9999
+    # "step": once per optimiser step; "micro_batch": once per micro-batch, as the original's Lightning
+    # on_train_batch_end hook did (twice per step with accumulation 2).
+    update_every: str = "step"
+
+
+@dataclass
+class ParallelConfig:
+    # mixed precision: "bf16" (no loss scaling), "fp16" (dynamic loss scaling), "fp32".
+    precision: str = "bf16"
+    compile: bool = False
+    tf32: bool = True
+    # FSDP2
+    reshard_after_forward: bool = True
+    # DeepSpeed ZeRO stage (1, 2 or 3).
+    zero_stage: int = 2
+
+
+@dataclass
+class InitConfig:
+    """What a stage takes from the previous one (a different operation from resuming the same run)."""
+
+    # A trainer export folder or an original .ckpt; None = random init (v1-1 at 256).
+    from_checkpoint: Optional[str] = None
+    weights: bool = True
+    ema: bool = True
+    optimizer: bool = False
+    step: bool = False
+    # Restart the LR warmup from zero (True) or continue the schedule from the carried step.
+    restart_warmup: bool = True
+
+
+@dataclass
+class StageConfig:
+    name: str = "???"
+    # Optimiser steps in this stage.
+    steps: int = "???"  # type: ignore[assignment]
+    global_batch: int = 2048
+    micro_batch: int = 4
+    data: DataConfig = field(default_factory=DataConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep_last: int = 2
+    # Consolidated export (original .ckpt + safetensors) at the end of the stage.
+    export_on_finish: bool = True
+    # After this many non-finite losses in a row, save and abort.
+    max_nonfinite_in_a_row: int = 5
+
+
+@dataclass
+class TrackingConfig:
+    # W&B mode: "online", "offline" (no account needed) or "disabled".
+    wandb_mode: str = "offline"
+    project: str = "sd-repro"
+    entity: Optional[str] = None
+    log_every: int = 10
+    sample_every: int = 0
+    sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square"])
+    progress_bar: bool = True
+
+
+@dataclass
+class ClusterConfig:
+    """Where the job runs; the launcher reads it, the trainer only checks its world size against it."""
+
+    name: str = "local"
+    nodes: int = 1
+    gpus_per_node: int = 1
+    # "cpu" runs every process on the CPU with gloo (tests, the embedded default).
+    device: str = "cuda"
+    gpu_name: Optional[str] = None
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time_limit: str = "24:00:00"
+    cpus_per_task: int = 8
+    mem: Optional[str] = None
+    signal_grace_s: int = 300
+    setup: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    # The rest is read by the launcher only (`python -m launch`, see launch/README.md).
+    # Interpreter on the nodes, after `setup` ran; None = the one running the launcher (same venv, shared FS).
+    python: Optional[str] = None
+    # Rendezvous port on the first node; None = 20000 + job id % 20000 under Slurm, a free port locally.
+    master_port: Optional[int] = None
+    # torchrun restarts the whole group this many times after a worker crash (it resumes from `latest`).
+    max_restarts: int = 3
+    # A job requeues itself after a pre-emption warning at most this many times (SLURM_RESTART_COUNT).
+    max_requeues: int = 20
+    # Slurm's stdout/stderr folder; None = <run.dir>/slurm.
+    log_dir: Optional[str] = None
+    # Extra `#SBATCH` options (--exclusive, --constraint=..., --qos=...) and srun options (e.g. pyxis'
+    # --container-image=...); words put before the interpreter on each node (e.g. apptainer exec --nv IMG).
+    sbatch_args: list[str] = field(default_factory=list)
+    srun_args: list[str] = field(default_factory=list)
+    exec_prefix: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FaultConfig:
+    """Fault injection for the tests of the failure paths (never set in a real run)."""
+
+    # Every rank SIGKILLs itself right after the checkpoint of this step is complete (a node crash).
+    kill_after_checkpoint_at_step: Optional[int] = None
+    # These steps compute a NaN loss (a numerical blow-up).
+    nan_loss_at_steps: list[int] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    name: str = "sd-repro"
+    root: str = "runs"
+    dir: str = "${run.root}/${run.name}/${stage.name}"
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    # "ddp", "fsdp" (FSDP2) or "deepspeed".
+    backend: str = "fsdp"
+    run: RunConfig = field(default_factory=RunConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def accumulation_steps(global_batch: int, world_size: int, micro_batch: int) -> int:
+    """Micro-batches per optimiser step so that world * micro * accum == global batch, exactly."""
+    per_step = world_size * micro_batch
+    if global_batch % per_step:
+        options = [m for m in range(1, global_batch // world_size + 1)
+                   if (global_batch // world_size) % m == 0 and global_batch % world_size == 0]
+        hint = (f"micro_batch in {options[:12]}" if options
+                else f"a world size that divides {global_batch}")
+        raise ConfigError(
+            f"stage.global_batch={global_batch} is not a multiple of world_size ({world_size}) x "
+            f"stage.micro_batch ({micro_batch}) = {per_step}; choose {hint}")
+    return global_batch // per_step
+
+
+def validate(cfg: TrainConfig, world_size: int) -> int:
+    """Check the composed config; returns the gradient-accumulation steps."""
+    if cfg.backend not in ("ddp", "fsdp", "deepspeed"):
+        raise ConfigError(f"backend={cfg.backend!r}: choose ddp, fsdp or deepspeed")
+    if cfg.parallel.precision not in ("bf16", "fp16", "fp32"):
+        raise ConfigError(f"parallel.precision={cfg.parallel.precision!r}: choose bf16, fp16 or fp32")
+    if cfg.backend == "deepspeed" and cfg.parallel.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage}: DeepSpeed ZeRO stage must be 1, 2 or 3")
+    if cfg.optim.scale_lr:
+        raise ConfigError("optim.scale_lr=true multiplies the LR by the batch size (CompVis' --scale_lr); SD v1 "
+                          "trained at lr 1e-4 unscaled and runs with it on failed to converge. Set it to false.")
+    if cfg.ema.update_every not in ("step", "micro_batch"):
+        raise ConfigError(f"ema.update_every={cfg.ema.update_every!r}: choose step or micro_batch")
+    sd = cfg.model.sd_config()
+    multiple = sd.vae.downsample_factor * 2 ** (len(sd.unet.channel_mult) - 1)
+    if cfg.stage.data.resolution % multiple:
+        raise ConfigError(f"stage.data.resolution={cfg.stage.data.resolution} must be a multiple of {multiple} "
+                          f"(VAE factor {sd.vae.downsample_factor} x UNet downsampling "
+                          f"{2 ** (len(sd.unet.channel_mult) - 1)})")
+    if not 0.0 <= cfg.stage.data.caption_dropout < 1.0:
+        raise ConfigError(f"stage.data.caption_dropout={cfg.stage.data.caption_dropout} must be in [0, 1)")
+    if cfg.checkpoint.keep_last < 2:
+        raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last}: keep at least 2 so a crash while "
+                          "saving leaves a loadable one")
+    if cfg.tracking.wandb_mode not in ("online", "offline", "disabled"):
+        raise ConfigError(f"tracking.wandb_mode={cfg.tracking.wandb_mode!r}: choose online, offline or disabled")
+    expected = cfg.cluster.nodes * cfg.cluster.gpus_per_node
+    if world_size != expected:
+        raise ConfigError(f"{world_size} processes are running but cluster={cfg.cluster.name} says "
+                          f"{cfg.cluster.nodes} nodes x {cfg.cluster.gpus_per_node} = {expected}; "
+                          f"set cluster.nodes / cluster.gpus_per_node to what you launched")
+    return accumulation_steps(cfg.stage.global_batch, world_size, cfg.stage.micro_batch)

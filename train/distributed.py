@@ -1,0 +1,83 @@
+"""Process-group set-up from torchrun / SLURM environment variables, and clean teardown."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _slurm_to_torchrun_env() -> None:
+    """One task per GPU under srun (no torchrun): map SLURM's variables to what torch and DeepSpeed read.
+
+    Without this DeepSpeed falls back to MPI discovery, which needs mpi4py."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+
+
+def init_distributed(device_type: str, timeout_s: int = 1800) -> DistEnv:
+    """Initialise the default process group (gloo on CPU, NCCL on CUDA); single process without one."""
+    _slurm_to_torchrun_env()
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("cluster.device=cuda but no CUDA device is visible; use cluster=local (CPU) to "
+                               "run on the CPU")
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
+                                **({"device_id": device} if device.type == "cuda" else {}))
+    return DistEnv(rank, world, local, device)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_max(value: float, device: torch.device) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def shutdown(exit_code: int) -> None:
+    """Leave without the sporadic SIGABRT at interpreter exit seen with gloo (FIELD_NOTES): destroy the
+    group, flush, and exit immediately."""
+    import sys
+
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a peer already gone must not change the exit code
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

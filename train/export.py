@@ -1,0 +1,105 @@
+"""Stage boundaries: initialise a stage from the previous one, and export a finished stage.
+
+An export is `<run.dir>/export/model.ckpt` in the original layout (raw UNet in model.diffusion_model.*,
+EMA in model_ema.*, plus the VAE, text encoder and schedule), which `tools.convert` turns into
+safetensors or a diffusers folder, and which the next stage reads with `stage.init.from_checkpoint`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models.adapters import ldm_checkpoint as ldm
+from models.adapters.keys import load_strict
+from models.stable_diffusion import load_ldm_checkpoint
+from train.config import ConfigError
+
+EXPORT_FILE = "model.ckpt"
+
+
+@dataclass
+class StageInit:
+    ema: dict[str, torch.Tensor] | None = None
+    ema_num_updates: int = 0
+    step: int = 0
+
+
+def _checkpoint_file(path: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / EXPORT_FILE
+    if not p.is_file():
+        raise ConfigError(f"stage.init.from_checkpoint={path}: no {EXPORT_FILE} there; point it at a finished "
+                          "stage's <run.dir>/export or at an original .ckpt")
+    return p
+
+
+def load_stage_init(cfg, sd_cfg, models) -> StageInit:
+    """Load what `stage.init` says to carry into `models` (before the UNet is wrapped)."""
+    init = cfg.stage.init
+    if cfg.model.pretrained_first_stage:
+        src = load_ldm_checkpoint(_checkpoint_file(cfg.model.pretrained_first_stage), sd_cfg)
+        load_strict(models.vae, src.vae.state_dict(), "VAE")
+        load_strict(models.text_encoder, src.text_encoder.state_dict(), "text encoder")
+    if init.from_checkpoint is None:
+        return StageInit()
+    if init.optimizer:
+        raise ConfigError("stage.init.optimizer=true: carrying AdamW moments across stages is not supported; SD v1's "
+                          "later stages start a fresh optimiser. Set it to false (the v1-1 256->512 change of "
+                          "resolution is a new stage too)")
+    src = load_ldm_checkpoint(_checkpoint_file(init.from_checkpoint), sd_cfg)
+    # The frozen parts always come along: a stage must see the latents its predecessor was trained on.
+    load_strict(models.vae, src.vae.state_dict(), "VAE")
+    load_strict(models.text_encoder, src.text_encoder.state_dict(), "text encoder")
+    raw = src.unet.state_dict()
+    if init.weights:
+        load_strict(models.unet, raw, "UNet")
+    ema = None
+    if init.ema:
+        ema = src.unet_ema if src.unet_ema is not None else raw  # EMA-only files hold the EMA as the one copy
+    ema_updates = 0
+    if init.ema and init.step and src.unet_ema is not None:
+        ema_updates = int(src.global_step or 0)
+    return StageInit(ema=ema, ema_num_updates=ema_updates, step=int(src.global_step or 0) if init.step else 0)
+
+
+def shard_like(full: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cut full tensors into the local pieces this rank holds of `params` (whole tensors for replicas)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    out = {}
+    for name, p in params.items():
+        value = full[name].to(p.device, torch.float32)
+        if isinstance(p, DTensor):
+            # src_data_rank=None: every rank already has the full tensor, so no communication.
+            value = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None).to_local()
+        out[name] = value
+    return out
+
+
+def export_stage(trainer, out_dir: Path) -> Path | None:
+    """All ranks call this (gathering shards is collective); rank 0 writes."""
+    full = trainer.engine.full_state_dict()
+    ema_full = trainer.engine.full_ema_state_dict(trainer.ema.shadow) if trainer.ema is not None else None
+    if not trainer.env.is_main:
+        return None
+    weights = ldm.LDMWeights(
+        unet=full, vae=trainer.frozen.vae.state_dict(), text_encoder=trainer.frozen.text_encoder.state_dict(),
+        schedule=trainer.schedule.state_dict(), unet_ema=ema_full,
+        ema_decay=trainer.cfg.ema.max_decay, ema_num_updates=trainer.ema.num_updates if trainer.ema else 0,
+        global_step=trainer.state.step)
+    sd = ldm.join_state_dict(weights, position_ids=trainer.sd_cfg.text.max_position_embeddings)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ldm.write_checkpoint(tmp / EXPORT_FILE, sd, trainer.state.step)
+    (tmp / "export.json").write_text(json.dumps({"step": trainer.state.step, "arch": trainer.cfg.model.arch,
+                                                 "stage": trainer.cfg.stage.name}, indent=1))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir / EXPORT_FILE

@@ -1,0 +1,110 @@
+"""Throughput per log window: images/s, TFLOP/s, MFU and the share of time spent waiting for data.
+
+The meter only reads a host clock; it never touches the device. On CUDA the numbers are only right if
+the caller synchronizes before `window()` (the trainer does, on log steps only), otherwise the window
+would end while kernels are still queued.
+"""
+from __future__ import annotations
+
+import contextlib
+import numbers
+import time
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+
+def to_scalar(value: Any) -> float | int | bool:
+    """A python number from a float/int/bool, a numpy scalar or a one-element tensor.
+
+    `.item()` on a CUDA tensor waits for the device, so call this only on log steps.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"expected a scalar tensor, got shape {tuple(value.shape)}")
+        return value.item()
+    if isinstance(value, (np.number, np.bool_)):
+        return value.item()
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"expected a number or a scalar tensor, got {type(value).__name__}")
+
+
+class ThroughputMeter:
+    """Accumulates one log window; `window()` reports it and starts the next.
+
+    images/s counts all ranks: world_size x the local images of this rank (data parallel ranks run the
+    same micro-batch size, so the local count stands for every rank).
+    """
+
+    def __init__(self, world_size: int, flops_per_image: float | None, peak_tflops: float | None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size={world_size}")
+        self.world_size = world_size
+        self.flops_per_image = flops_per_image
+        # Per-GPU dense peak; None (CPU, unknown GPU) means MFU is omitted rather than invented.
+        self.peak_tflops = peak_tflops
+        self._clock = clock
+        self._wait_started: float | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a fresh window now (e.g. at the first step, so start-up time is not counted)."""
+        self._start_window(self._clock())
+
+    def _start_window(self, now: float) -> None:
+        self._window_start = now
+        self._images = 0
+        self._wait_s = 0.0
+        if self._wait_started is not None:
+            self._wait_started = now
+
+    def data_wait_start(self) -> None:
+        self._wait_started = self._clock()
+
+    def data_wait_end(self) -> None:
+        if self._wait_started is None:
+            raise RuntimeError("data_wait_end() without data_wait_start()")
+        self._wait_s += self._clock() - self._wait_started
+        self._wait_started = None
+
+    @contextlib.contextmanager
+    def waiting_for_data(self) -> Iterator[None]:
+        self.data_wait_start()
+        try:
+            yield
+        finally:
+            self.data_wait_end()
+
+    def step_done(self, local_images: int) -> None:
+        self._images += local_images
+
+    def window(self) -> dict[str, float]:
+        """Rates over the time since the last window (or reset); resets. Empty if no time passed."""
+        now = self._clock()
+        elapsed = now - self._window_start
+        images, wait_s = self._images, self._wait_s
+        if self._wait_started is not None:
+            # A wait spanning the window boundary: its first part belongs to this window.
+            wait_s += now - self._wait_started
+        self._start_window(now)
+        if elapsed <= 0:
+            return {}
+        per_gpu = images / elapsed
+        out = {
+            "throughput/img_per_s": per_gpu * self.world_size,
+            "throughput/img_per_s_per_gpu": per_gpu,
+            "throughput/data_wait_frac": wait_s / elapsed,
+        }
+        if self.flops_per_image is not None:
+            tflops = per_gpu * self.flops_per_image / 1e12
+            out["throughput/tflops_per_gpu"] = tflops
+            if self.peak_tflops:
+                out["throughput/mfu"] = tflops / self.peak_tflops
+        return out

@@ -1,0 +1,80 @@
+"""What every backend provides to the training loop."""
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def build_optimizer(params, optim_cfg) -> torch.optim.AdamW:
+    """AdamW with SD v1's settings (lr 1e-4, betas 0.9/0.999, eps 1e-8, weight decay 0.01)."""
+    return torch.optim.AdamW(params, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
+                             eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay)
+
+
+def compile_blocks(unet: nn.Module) -> None:
+    """torch.compile each UNet block in place: parameter names keep no `_orig_mod.` prefix, and FSDP2
+    can shard block by block around the compiled regions."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
+        block.compile(dynamic=False)
+
+
+class Engine(ABC):
+    module: nn.Module  # call this for the forward pass
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    def __init__(self, cfg, env, accumulation: int):
+        self.cfg, self.env, self.accumulation = cfg, env, accumulation
+        self.dtype = DTYPES[cfg.parallel.precision]
+
+    def autocast(self):
+        """Mixed precision for the forward pass (backends that cast parameters themselves disable it)."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.dtype)
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
+        """Accumulate gradients; the gradient all-reduce happens only on the last micro-batch."""
+
+    @abstractmethod
+    def step(self) -> torch.Tensor:
+        """Clip (if configured), optimiser step, LR step, zero the gradients; returns the grad norm."""
+
+    @abstractmethod
+    def skip_step(self) -> None:
+        """Drop the accumulated gradients without updating (non-finite loss)."""
+
+    @abstractmethod
+    def named_trainable(self) -> dict[str, torch.Tensor]:
+        """This rank's trainable tensors (full or local shards) with the UNet's parameter names."""
+
+    @abstractmethod
+    def save(self, path: Path) -> None:
+        """Model + optimiser + LR schedule, sharded, into the folder `path` (all ranks call this)."""
+
+    @abstractmethod
+    def load(self, path: Path) -> None: ...
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The consolidated UNet weights in fp32 on rank 0 (None elsewhere); all ranks call this."""
+
+    @abstractmethod
+    def full_ema_state_dict(self, shadow: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Consolidate EMA tensors shaped like `named_trainable()` into full tensors on rank 0."""
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def clip(self, params) -> torch.Tensor:
+        max_norm = self.cfg.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -1,0 +1,32 @@
+"""Model + optimiser + LR schedule through torch.distributed.checkpoint (sharded: each rank writes
+its own shards; resharding on load is DCP's job). Used by the DDP and FSDP2 engines."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+
+
+def save(path: Path, model, optimizer, scheduler) -> None:
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd, "scheduler": scheduler.state_dict()}
+    dcp.save(state, checkpoint_id=str(path), process_group=None if dist.is_initialized() else None)
+
+
+def load(path: Path, model, optimizer, scheduler) -> None:
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd, "scheduler": scheduler.state_dict()}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    scheduler.load_state_dict(state["scheduler"])
+
+
+def full_model_state(model, is_main: bool) -> dict[str, torch.Tensor] | None:
+    """Gathers the full, unsharded fp32 weights on rank 0 (CPU); every rank must call it."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sd = get_model_state_dict(model, options=options)
+    return {k: v.float() for k, v in sd.items()} if is_main else None

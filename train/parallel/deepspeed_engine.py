@@ -1,0 +1,137 @@
+"""DeepSpeed ZeRO 1/2/3 with a DeepSpeed config generated from ours.
+
+Only the UNet goes to DeepSpeed; the frozen VAE and text encoder stay plain replicated modules, so
+ZeRO-3 never partitions them (it would gather them layer by layer at every step for nothing).
+The optimiser is torch's AdamW passed as a client optimiser (DeepSpeed's own "AdamW" type compiles
+FusedAdam, ~100 s, and differs numerically from torch's).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from train.lr import build_scheduler
+
+from .base import Engine, build_optimizer, compile_blocks
+
+TAG = "ds"
+
+
+def _import_deepspeed():
+    """Import DeepSpeed without its shared-memory all-reduce op, which JIT-compiles C++ (~60 s) on first use
+    on CPU and serves inference only."""
+    import deepspeed.comm.torch  # noqa: F401 - binds the module in sys.modules
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    import deepspeed
+
+    return deepspeed
+
+
+def deepspeed_config(cfg, world_size: int, accumulation: int) -> dict:
+    stage = cfg.parallel.zero_stage
+    precision = cfg.parallel.precision
+    return {
+        "train_batch_size": cfg.stage.global_batch,
+        "train_micro_batch_size_per_gpu": cfg.stage.micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": cfg.optim.grad_clip or 0.0,
+        "zero_optimization": {"stage": stage, "overlap_comm": stage > 0, "contiguous_gradients": True,
+                              "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine(Engine):
+    def __init__(self, cfg, unet, env, accumulation: int, lr_offset: int = 0):
+        super().__init__(cfg, env, accumulation)
+        deepspeed = _import_deepspeed()
+        if not dist.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if env.device.type == "cuda" else "gloo")
+        unet.to(env.device)
+        if cfg.parallel.compile:
+            compile_blocks(unet)
+        optimizer = build_optimizer(unet.parameters(), cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.optim.warmup_steps, cfg.optim.warmup_start, lr_offset)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=unet, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, env.world_size, accumulation))
+        self.unet = unet
+        self.module = self._forward_with_cast
+        self.zero3 = cfg.parallel.zero_stage == 3
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()  # DeepSpeed holds bf16/fp16 parameters itself; inputs are cast below
+
+    def _forward_with_cast(self, x, timesteps, context):
+        # DeepSpeed's bf16/fp16 modes hold low-precision parameters but do not cast the inputs.
+        return self.ds(x.to(self.dtype), timesteps, context.to(self.dtype))
+
+    def backward(self, loss, last_micro_batch):
+        # DeepSpeed divides by the accumulation steps itself and reduces on its boundary. step() must run
+        # after every micro-batch (it only steps the optimiser on the boundary), so the non-final ones do it here.
+        self.ds.backward(loss)
+        if not last_micro_batch:
+            self.ds.step()
+
+    def step(self):
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        return torch.as_tensor(0.0 if norm is None else float(norm))
+
+    def skip_step(self):
+        # Drop the accumulated gradients and count the micro-step DeepSpeed would have counted, so its
+        # accumulation boundaries stay aligned with ours.
+        self.ds.zero_grad()
+        self.ds.micro_steps += 1
+
+    def named_trainable(self):
+        # The EMA follows DeepSpeed's working copy (bf16 under bf16; the fp32 master lives in the optimiser's
+        # partitions): exact in fp32, within bf16 rounding of the master otherwise.
+        if self.zero3:
+            return {n: p.ds_tensor for n, p in self.unet.named_parameters()}  # this rank's flat partition
+        return dict(self.unet.named_parameters())
+
+    def save(self, path: Path):
+        self.ds.save_checkpoint(str(path), tag=TAG, save_latest=False)
+
+    def load(self, path: Path):
+        load_path, _ = self.ds.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}/{TAG}")
+
+    def full_state_dict(self):
+        """The fp32 master weights (not the bf16 working copy), gathered from their ZeRO partitions."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full = {}
+        for name, p in self.unet.named_parameters():
+            value = safe_get_full_fp32_param(p)  # collective under ZeRO: every rank calls it
+            full[name] = value.detach().float().cpu().clone()
+        return full if self.env.is_main else None
+
+    def full_ema_state_dict(self, shadow):
+        if self.zero3:
+            return self._gather_partitions(shadow)
+        return {k: v.detach().cpu().clone() for k, v in shadow.items()} if self.env.is_main else None
+
+    def _gather_partitions(self, local: dict[str, torch.Tensor]):
+        """ZeRO-3 partitions are flat, padded 1-D chunks: gather them in rank order, trim, reshape."""
+        params = dict(self.unet.named_parameters())
+        full = {}
+        for name, part in local.items():
+            p = params[name]
+            pieces = [torch.empty_like(part) for _ in range(self.env.world_size)]
+            dist.all_gather(pieces, part.contiguous())
+            full[name] = torch.cat(pieces)[: p.ds_numel].view(p.ds_shape).float().cpu()
+        return full if self.env.is_main else None

@@ -1,0 +1,86 @@
+"""FSDP2: `fully_shard` each UNet block, then the root. bf16 (or fp16) parameters for compute with
+fp32 gradient reduction; the sharded fp32 parameters stay the optimiser's master copy."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from train.lr import build_scheduler
+
+from . import dcp_io
+from .base import Engine, build_optimizer, compile_blocks
+
+
+def parallelize_unet(unet, device_type: str, world_size: int, param_dtype: torch.dtype,
+                     reshard_after_forward: bool, compile_: bool):
+    """Compile (optional) and shard the UNet block by block; returns the same module, sharded in place."""
+    if compile_:
+        compile_blocks(unet)
+    mesh = init_device_mesh(device_type, (world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # The root keeps time_embed and the output head; it never reshards (its backward runs first).
+    fully_shard(unet, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    return unet
+
+
+class FSDPEngine(Engine):
+    def __init__(self, cfg, unet, env, accumulation: int, lr_offset: int = 0):
+        super().__init__(cfg, env, accumulation)
+        if not torch.distributed.is_initialized():
+            raise RuntimeError("backend=fsdp needs torch.distributed: start with torchrun (python -m launch torchrun) "
+                               "or use backend=ddp for a single process")
+        unet.to(env.device)
+        self.module = self.unet = parallelize_unet(unet, env.device.type, env.world_size, self.dtype,
+                                                   cfg.parallel.reshard_after_forward, cfg.parallel.compile)
+        self.optimizer = build_optimizer(unet.parameters(), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim.warmup_steps, cfg.optim.warmup_start, lr_offset)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.dtype == torch.float16)
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()  # FSDP2 casts parameters and the root's inputs itself
+
+    def backward(self, loss, last_micro_batch):
+        # Reduce-scatter only once per optimiser step.
+        self.unet.set_requires_gradient_sync(last_micro_batch)
+        self.scaler.scale(loss / self.accumulation).backward()
+
+    def step(self):
+        self.scaler.unscale_(self.optimizer)
+        norm = self.clip(self.unet.parameters())
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def skip_step(self):
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def named_trainable(self):
+        return dict(self.unet.named_parameters())
+
+    def save(self, path: Path):
+        dcp_io.save(path, self.unet, self.optimizer, self.scheduler)
+
+    def load(self, path: Path):
+        dcp_io.load(path, self.unet, self.optimizer, self.scheduler)
+
+    def full_state_dict(self):
+        return dcp_io.full_model_state(self.unet, self.env.is_main)
+
+    def full_ema_state_dict(self, shadow):
+        params = dict(self.unet.named_parameters())
+        full = {}
+        for name, local in shadow.items():
+            p = params[name]
+            t = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            full[name] = t.full_tensor().cpu()  # a collective: every rank runs it
+        return full if self.env.is_main else None
