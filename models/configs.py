@@ -116,8 +116,12 @@ class SDConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # "vae" (AutoencoderKL, SD v1) or "pixel" (parameter-free average pooling: toy runs only).
+    first_stage: str = "vae"
 
     def __post_init__(self) -> None:
+        if self.first_stage not in ("vae", "pixel"):
+            raise ValueError(f"first_stage={self.first_stage!r}: choose vae or pixel")
         if self.unet.context_dim != self.text.hidden_size:
             raise ValueError(
                 f"unet.context_dim={self.unet.context_dim} must equal text.hidden_size={self.text.hidden_size}"
@@ -138,6 +142,11 @@ def tiny() -> SDConfig:
         text=TextEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                projection_dim=32),
     )
+
+
+def mini() -> SDConfig:
+    """tiny() with the pixel-space first stage: the embedded miniature reproduction."""
+    return replace(tiny(), first_stage="pixel")
 
 
 def with_overrides(cfg: SDConfig, **parts) -> SDConfig:

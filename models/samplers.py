@@ -8,7 +8,8 @@ buffer (float32, as the original reads `model.alphas_cumprod`).
 What the original does and this file keeps (see tests/test_samplers.py for diffusers' side):
 - Timesteps: c = T // S, steps = arange(0, T, c) + 1. The "+1" makes the last step land on t=1 and step
   to alphas_cumprod[0]. When T % S leaves room for more, arange yields more than S steps (S=30 gives 31):
-  the original's assert is commented out, so it runs them; so do we.
+  the original's assert is commented out, so it runs them; so do we. When the shifted last timestep
+  lands on T (S = 3, 9, 27, 36, 37, ...) the original fails indexing abar[T]; we refuse such S up front.
 - Coefficients: a = abar[steps], a_prev = [abar[0]] + abar[steps[:-1]], sigma = eta *
   sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev)) computed in float64 from the float32 abar, then used
   as float32 (`torch.full` in the original), and sqrt(1 - a) computed in float32.
@@ -48,7 +49,13 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000, discretizati
         steps = torch.from_numpy(grid.astype(np.int64))
     else:
         raise ValueError(f"discretization={discretization!r}: choose one of {', '.join(DISCRETIZATIONS)}")
-    return steps + 1
+    steps = steps + 1
+    if int(steps[-1]) >= num_train_timesteps:
+        # When T - 1 is a multiple of T // S (S = 3, 9, 27, 36, 37, 101-111, 251-333, 501-1000 for T = 1000) the
+        # shift lands on t = T; the original then fails indexing alphas_cumprod[T]. We refuse it up front.
+        raise ValueError(f"steps={num_steps}: the original's timesteps for it end at t={int(steps[-1])}, past the "
+                         f"{num_train_timesteps}-step schedule (CompVis fails there too); choose another number of steps")
+    return steps
 
 
 @dataclass(frozen=True)
@@ -87,13 +94,18 @@ def step_noise(like: torch.Tensor, generator: Generators) -> torch.Tensor:
                       for g in generator]).to(like.device)
 
 
-def initial_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu"
-                  ) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """x_T for one image per seed, drawn on the CPU so the same seed gives the same noise on any device
-    and in any batch; returns the generators too, for the step noise of DDIM with eta > 0."""
-    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    x = torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
-    return x.to(device), generators
+def seeded_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image: the same seed gives the same noise on any device and in any batch."""
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+def initial_noise(seeds: Sequence[int | torch.Generator], shape: Sequence[int],
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """x_T [len(seeds), *shape], one image per seed (or per generator, which is advanced: pass the same
+    generators on to a DDIM sampler with eta > 0 and its step noise continues each image's stream)."""
+    gens = [s if isinstance(s, torch.Generator) else seeded_generators([s])[0] for s in seeds]
+    return torch.cat([torch.randn((1, *shape), generator=g, device=g.device, dtype=torch.float32)
+                      for g in gens]).to(device)
 
 
 def ddim_update(x: torch.Tensor, eps: torch.Tensor, coeffs: DDIMCoefficients, index: int,

@@ -17,6 +17,7 @@ from .configs import SDConfig
 from .schedule import DDPMSchedule
 from .text_encoder import FrozenCLIPTextEncoder
 from .unet import UNetModel
+from .pixel_first_stage import PixelFirstStage
 from .vae import AutoencoderKL
 
 
@@ -24,7 +25,7 @@ from .vae import AutoencoderKL
 class SDModels:
     cfg: SDConfig
     unet: UNetModel
-    vae: AutoencoderKL
+    vae: AutoencoderKL | PixelFirstStage
     text_encoder: FrozenCLIPTextEncoder
     schedule: DDPMSchedule
     # EMA weights of the UNet, when a checkpoint carried them separately (keys as unet.state_dict()).
@@ -36,7 +37,7 @@ def build_models(cfg: SDConfig, device: torch.device | str | None = None) -> SDM
     """Randomly initialised parts (or shapes only, on device='meta'); the frozen parts in eval mode."""
     with torch.device(device or "cpu"):
         unet = UNetModel(cfg.unet)
-        vae = AutoencoderKL(cfg.vae).eval().requires_grad_(False)
+        vae = (AutoencoderKL(cfg.vae) if cfg.first_stage == "vae" else PixelFirstStage()).eval().requires_grad_(False)
         text = FrozenCLIPTextEncoder(cfg.text)
         schedule = DDPMSchedule(cfg.schedule)
     return SDModels(cfg, unet, vae, text, schedule)

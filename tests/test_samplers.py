@@ -11,7 +11,8 @@ What these tests establish (numbers from a 2-core CPU run, float32):
   evaluate the model at the same (x, t) sequence. Its update is the PNDM paper's eq. (9), algebraically
   the DDIM eta = 0 update; the two agree to float32 rounding.
 - Where they differ: (1) S with 1000 % S large enough, e.g. S = 30: the original's arange(0, 1000, 33)
-  has 31 entries and it runs 31 steps; diffusers runs 30. (2) diffusers computes the schedule in float32
+  has 31 entries and it runs 31 steps; diffusers runs 30. For S = 3, 9, 27, 36, 37, ... the original's
+  last timestep is 1000 and it fails (index past alphas_cumprod); diffusers runs S steps. (2) diffusers computes the schedule in float32
   (linspace, square, cumprod), the original in float64 then casts: alphas_cumprod differ by up to 1e-6
   relative, which moved 10-step samples of the tiny UNet by ~4e-7 relative.
 - The whole StableDiffusionPipeline (its own UNet2DConditionModel, AutoencoderKL, CLIPTextModel and
@@ -25,7 +26,8 @@ from diffusers import DDIMScheduler, PNDMScheduler
 from conftest import rel_err
 from models.configs import tiny
 from models.guidance import ClassifierFreeGuidance
-from models.samplers import (ddim_coefficients, ddim_sample, ddim_timesteps, initial_noise, plms_sample, step_noise)
+from models.samplers import (ddim_coefficients, ddim_sample, ddim_timesteps, initial_noise, plms_sample,
+                             seeded_generators, step_noise)
 from models.schedule import DDPMSchedule
 from models.unet import UNetModel
 
@@ -62,7 +64,7 @@ def _setup(unet, scale=3.0, batch=2, size=8):
     torch.manual_seed(1)
     cond = torch.randn(batch, 77, CFG.unet.context_dim)
     uncond = torch.randn(1, 77, CFG.unet.context_dim)
-    x_t, _ = initial_noise(list(range(batch)), (4, size, size))
+    x_t = initial_noise(list(range(batch)), (4, size, size))
     return ClassifierFreeGuidance(unet, uncond, scale), x_t, cond
 
 
@@ -88,6 +90,12 @@ def test_timesteps_are_the_originals_and_diffusers_leading_plus_one():
     assert len(quad) == 10 and quad[0] == 1 and bool((quad.diff() > 0).all()) and int(quad[-1]) == 801
     with pytest.raises(ValueError, match="between 1 and"):
         ddim_timesteps(0)
+    # S = 3: arange(0, 1000, 333) + 1 ends at 1000 = T, where the original indexes past alphas_cumprod;
+    # diffusers (arange(S) * 333 + 1) runs 3 steps instead.
+    with pytest.raises(ValueError, match="t=1000, past the 1000-step schedule"):
+        ddim_timesteps(3)
+    s.set_timesteps(3)
+    assert s.timesteps.tolist() == [667, 334, 1]
 
 
 def test_coefficients_follow_make_ddim_sampling_parameters(abar):
@@ -179,8 +187,8 @@ def test_guidance_combines_one_batch_and_scale_one_is_the_plain_model(unet):
 
 def test_seeded_noise_does_not_depend_on_the_batch(unet, abar):
     denoiser, _, cond = _setup(unet, batch=3)
-    x3, gens3 = initial_noise([5, 6, 7], (4, 8, 8))
-    x1, gens1 = initial_noise([6], (4, 8, 8))
+    gens3, gens1 = seeded_generators([5, 6, 7]), seeded_generators([6])
+    x3, x1 = initial_noise(gens3, (4, 8, 8)), initial_noise(gens1, (4, 8, 8))
     assert torch.equal(x3[1:2], x1)
     ts = ddim_timesteps(4)
     both = ddim_sample(denoiser, x3, ts, cond, alphas_cumprod=abar, eta=1.0, generator=gens3)
@@ -220,7 +228,7 @@ def test_txt2img_equals_diffusers_pipeline(tiny_files, sampler):
     pipe.set_progress_bar_config(disable=True)
     if sampler == "ddim":  # the folder ships the PNDM (PLMS) config SD v1 releases use
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    x_t, _ = initial_noise(seeds, (4, 8, 8))
+    x_t = initial_noise(seeds, (4, 8, 8))
     kwargs = dict(height=64, width=64, num_inference_steps=10, guidance_scale=5.0)
     z_theirs = pipe(prompts, latents=x_t.clone(), output_type="latent", **kwargs).images
     images_theirs = pipe(prompts, latents=x_t.clone(), output_type="pt", **kwargs).images

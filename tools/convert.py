@@ -27,7 +27,7 @@ from models.schedule import schedule_buffers
 from models.stable_diffusion import split_ldm
 
 FORMATS = ("diffusers", "ckpt", "safetensors")
-ARCHS = {"sd-v1": configs.sd_v1, "tiny": configs.tiny}
+ARCHS = {"sd-v1": configs.sd_v1, "tiny": configs.tiny, "mini": configs.mini}
 
 
 def detect_format(path: Path) -> str:

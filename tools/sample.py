@@ -4,8 +4,8 @@
         [--scale 7.5] [--steps 50] [--sampler plms|ddim] [--eta 0] [--H 512] [--W 512]
         [--ema | --no-ema] [--arch sd-v1|tiny] [--out outputs/samples] [--device cuda] [--precision autocast|full]
 
-CKPT is an original `.ckpt`/`.safetensors` (released or written by this repo's trainer, EMA-only or
-full-ema) or a diffusers pipeline folder. Image k (prompt by prompt, sample by sample) uses seed
+CKPT is an original `.ckpt`/`.safetensors` (released EMA-only or full-ema files, or the trainer's
+`<run.dir>/export/model.ckpt`; the export folder itself works too) or a diffusers pipeline folder. Image k (prompt by prompt, sample by sample) uses seed
 `--seed + k`: the noise x_T [1, 4, H/8, W/8] is drawn on the CPU from that seed alone, so any image of an
 evaluation can be regenerated from its caption and seed, on any device and in any batch.
 
@@ -30,15 +30,17 @@ from PIL import Image
 from models.adapters import ldm_checkpoint as ldm
 from models.adapters.keys import load_strict
 from models.guidance import ClassifierFreeGuidance, unconditional_context
-from models.samplers import DISCRETIZATIONS, SAMPLERS, ddim_timesteps, initial_noise
+from models.samplers import DISCRETIZATIONS, SAMPLERS, ddim_timesteps, initial_noise, seeded_generators
 from models.stable_diffusion import SDModels, build_models, load_ldm_checkpoint
 from models.text_encoder import FrozenCLIPTextEncoder, encode_prompts
 from models.tokenizer import CLIPTokenizer
 from models.unet import UNetModel
+from models.pixel_first_stage import PixelFirstStage
 from models.vae import AutoencoderKL
 from tools.convert import ARCHS
 
 PRECISIONS = ("autocast", "full")
+EXPORT_FILE = "model.ckpt"  # what the trainer writes under <run.dir>/export (train/export.py)
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class SamplingModels:
     """The inference parts of one checkpoint, in eval mode on one device."""
 
     unet: UNetModel
-    vae: AutoencoderKL
+    vae: AutoencoderKL | PixelFirstStage
     text_encoder: FrozenCLIPTextEncoder
     tokenizer: CLIPTokenizer
     alphas_cumprod: torch.Tensor  # float32, CPU: what the original samplers read
@@ -86,7 +88,22 @@ class SamplingModels:
     weights: str  # which UNet weights these are, in words
 
 
+def resolve_checkpoint(source: str | os.PathLike) -> Path:
+    """A file, a diffusers folder (model_index.json), or a trainer export folder (`<run.dir>/export`,
+    holding model.ckpt in the original layout) -> the path to load."""
+    path = Path(source)
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        if (path / EXPORT_FILE).is_file():
+            return path / EXPORT_FILE
+        raise FileNotFoundError(f"{path}: neither a diffusers folder (model_index.json) nor a trainer export "
+                                f"({EXPORT_FILE})")
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return path
+
+
 def _load_parts(source: Path, arch: str, ema: bool | None) -> tuple[SDModels, str]:
+    source = resolve_checkpoint(source)
     if source.is_dir():
         from models.adapters.diffusers_folder import load_diffusers
 
@@ -123,6 +140,11 @@ def load_sampling_models(source: str | os.PathLike, arch: str = "sd-v1", ema: bo
                           unconditional_context(tokenizer, text_encoder), device, which)
 
 
+def latent_factor(first_stage: AutoencoderKL | PixelFirstStage) -> int:
+    """Image pixels per latent pixel (8 for SD v1's VAE and for the toy pixel-space first stage)."""
+    return first_stage.factor if isinstance(first_stage, PixelFirstStage) else first_stage.cfg.downsample_factor
+
+
 def _precision_scope(cfg: SamplingConfig, device: torch.device):
     if cfg.precision == "autocast" and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
@@ -135,11 +157,12 @@ def sample_latents(models: SamplingModels, prompts: Sequence[str], seeds: Sequen
     """Final latents [B, 4, H/8, W/8] (float32), one per (prompt, seed). `scale` overrides cfg.scale."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    f = models.vae.cfg.downsample_factor
+    f = latent_factor(models.vae)
     if cfg.height % f or cfg.width % f:
         raise ValueError(f"image size {cfg.height}x{cfg.width} must be a multiple of the VAE factor {f}")
     cond = encode_prompts(models.tokenizer, models.text_encoder, list(prompts))
-    x, generators = initial_noise(seeds, (models.unet.cfg.in_channels, cfg.height // f, cfg.width // f), models.device)
+    generators = seeded_generators(seeds)
+    x = initial_noise(generators, (models.unet.cfg.in_channels, cfg.height // f, cfg.width // f), models.device)
     denoiser = ClassifierFreeGuidance(models.unet, models.uncond, cfg.scale if scale is None else scale)
     timesteps = ddim_timesteps(cfg.steps, models.alphas_cumprod.numel(), cfg.discretization)
     with _precision_scope(cfg, models.device):
@@ -151,7 +174,8 @@ def sample_latents(models: SamplingModels, prompts: Sequence[str], seeds: Sequen
 def decode(models: SamplingModels, z: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """Latents -> images in [0, 1] [B, 3, H, W] float32: decode with 1/scale_factor, clamp((x + 1) / 2, 0, 1)."""
     with _precision_scope(cfg, models.device):
-        images = models.vae.decode_latents(z.to(next(models.vae.parameters()).dtype))
+        weight = next(models.vae.parameters(), None)  # the pixel-space first stage has none
+        images = models.vae.decode_latents(z if weight is None else z.to(weight.dtype))
     return torch.clamp((images.float() + 1.0) / 2.0, min=0.0, max=1.0)
 
 

@@ -13,7 +13,8 @@ from models import configs as model_configs
 
 @dataclass
 class ModelConfig:
-    # "sd-v1" (860M UNet), "tiny" (same architecture, toy width: tests and the embedded default).
+    # "sd-v1" (860M UNet), "tiny" (same architecture, toy width: tests), "mini" (tiny with a pixel-space
+    # first stage: the embedded miniature reproduction).
     arch: str = "sd-v1"
     attention_backend: str = "sdpa"
     activation_checkpointing: bool = False
@@ -21,7 +22,10 @@ class ModelConfig:
     pretrained_first_stage: Optional[str] = None
 
     def sd_config(self) -> model_configs.SDConfig:
-        base = {"sd-v1": model_configs.sd_v1, "tiny": model_configs.tiny}[self.arch]()
+        archs = {"sd-v1": model_configs.sd_v1, "tiny": model_configs.tiny, "mini": model_configs.mini}
+        if self.arch not in archs:
+            raise ConfigError(f"model.arch={self.arch!r}: choose one of {sorted(archs)}")
+        base = archs[self.arch]()
         from dataclasses import replace
 
         unet = replace(base.unet, attention_backend=self.attention_backend,

@@ -125,11 +125,12 @@ class Tracker:
         """Flush and close the run; when it returns the run's files are complete. Idempotent.
 
         In wandb 0.31 `run.finish()` returns before wandb-core has closed the run: the closing request
-        is fire-and-forget, and the last block of the .wandb file is written afterwards (seen in about
-        half of the offline runs here). A process that then ends with os._exit, or a job step that
-        Slurm kills as soon as the trainer exits, loses that tail. `wandb.teardown()` waits until the
-        service process has exited, which is after it closed every run (it handles requests in order),
-        so it is called here. It also ends any other W&B run of this process; the trainer has none.
+        is fire-and-forget and the last block of the .wandb file is written afterwards (a read right
+        after finish() saw a torn file in about half of the offline runs here). wandb-core completes it
+        in the background, which survives os._exit but not a kill of the whole process group (e.g. the
+        end of a Slurm job step). `wandb.teardown()` returns once the service process has exited, which
+        is after it closed every run (it handles requests in order), so it is called here. It also ends
+        any other W&B run of this process; the trainer has none.
         """
         if self._run is None:
             return

@@ -152,6 +152,7 @@ class Trainer:
                            if self.engine.dtype != torch.float32 else contextlib.nullcontext())
         batches = iter(self.loader)
         self._status("running")
+        meter.reset()  # the first window starts here, not at start-up
         started, start_step, exit_code = time.perf_counter(), state.step, 0
         window_losses: list[torch.Tensor] = []
         grad_norm = torch.zeros(())
@@ -190,7 +191,8 @@ class Trainer:
                 if env.is_main:
                     print(f"aborting: {state.nonfinite_in_a_row} non-finite losses in a row; checkpoint saved",
                           flush=True)
-                return 1
+                exit_code = 1
+                break
             if state.step % cfg.tracking.log_every == 0 or state.step == total:
                 self._log(window_losses, grad_norm, meter, progress)
                 window_losses = []
@@ -207,8 +209,8 @@ class Trainer:
                     exit_code = REQUEUE_EXIT_CODE
                     break
         else:
-            if ckpt.latest_checkpoint(self.ckpt_dir) is None or \
-                    ckpt.latest_checkpoint(self.ckpt_dir).name != f"step-{state.step}":
+            latest = ckpt.latest_checkpoint(self.ckpt_dir)
+            if latest is None or latest.name != f"step-{state.step}":
                 self.save()
             if cfg.checkpoint.export_on_finish:
                 export_stage(self, self.run_dir / "export")
@@ -222,8 +224,8 @@ class Trainer:
                        "skipped_samples": self.loader.skip_counts(),
                        "checkpoint": str(ckpt.latest_checkpoint(self.ckpt_dir))}
             print(format_summary(summary), flush=True)
-            self.tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        self.tracker.finish()
+            self.tracker.summary(summary)
+        self.tracker.finish(exit_code)
         return exit_code
 
     def _log(self, window_losses, grad_norm, meter, progress) -> None:

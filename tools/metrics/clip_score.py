@@ -94,9 +94,13 @@ class CLIPScorer:
 
 def load_clip(path: str | os.PathLike, arch: str = DEFAULT_ARCH, quick_gelu: bool = True,
               device: torch.device | str = "cpu") -> CLIPScorer:
-    """open_clip.create_model(arch, pretrained=None) with the local weights loaded strictly."""
+    """open_clip.create_model(arch, pretrained=None) with the local weights loaded strictly. `arch` is an
+    open_clip config name or the path of a config .json (registered under its file name)."""
     import open_clip
 
+    if arch.endswith(".json") and Path(arch).is_file():
+        open_clip.add_model_config(arch)
+        arch = Path(arch).stem
     model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None,
                                                                  force_quick_gelu=quick_gelu)
     state = read_clip_state_dict(path)

@@ -65,14 +65,37 @@ def _sqrt_psd(m: torch.Tensor) -> torch.Tensor:
     return (v * w.clamp(min=0).sqrt()) @ v.T
 
 
-def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
-    """The Fréchet distance between two Gaussians, in float64."""
+def _trace_sqrt(m: torch.Tensor) -> torch.Tensor:
+    """tr(m^(1/2)) of a symmetric PSD matrix (symmetrised first; rounding-level negative eigenvalues -> 0)."""
+    return torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+
+
+def frechet_distance(a: FeatureStats, b: FeatureStats | np.ndarray | torch.Tensor) -> float:
+    """The Fréchet distance between two Gaussians, in float64.
+
+    `b` may also be the features [N, D] themselves. With N < D (quick evaluations, tests) the trace term
+    is then taken from the N x N matrix B S_a B^T, B = (features - mean) / sqrt(N - 1), which has the
+    nonzero eigenvalues of S_a S_b (S_b = B^T B): the same number, at a fraction of the cost."""
+    if not isinstance(b, FeatureStats):
+        features = torch.as_tensor(np.asarray(b)).double()
+        if features.ndim != 2 or features.shape[0] >= features.shape[1]:
+            b = feature_statistics(features)
+        else:
+            return _frechet_to_features(a, features)
     if a.mu.shape != b.mu.shape or a.sigma.shape != b.sigma.shape:
         raise ValueError(f"statistics of different feature sizes: {a.mu.shape} and {b.mu.shape}")
     mu1, mu2 = torch.from_numpy(a.mu).double(), torch.from_numpy(b.mu).double()
     s1, s2 = torch.from_numpy(a.sigma).double(), torch.from_numpy(b.sigma).double()
     root1 = _sqrt_psd(s1)
-    middle = root1 @ s2 @ root1
-    tr_covmean = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
     diff = mu1 - mu2
-    return float(diff @ diff + torch.trace(s1) + torch.trace(s2) - 2 * tr_covmean)
+    return float(diff @ diff + torch.trace(s1) + torch.trace(s2) - 2 * _trace_sqrt(root1 @ s2 @ root1))
+
+
+def _frechet_to_features(a: FeatureStats, features: torch.Tensor) -> float:
+    if features.shape[0] < 2 or features.shape[1] != a.mu.shape[0]:
+        raise ValueError(f"features of shape {tuple(features.shape)} against statistics of size {a.mu.shape[0]}")
+    mu1, s1 = torch.from_numpy(a.mu).double(), torch.from_numpy(a.sigma).double()
+    mu2 = features.mean(0)
+    centred = (features - mu2) / (features.shape[0] - 1) ** 0.5
+    diff = mu1 - mu2
+    return float(diff @ diff + torch.trace(s1) + (centred * centred).sum() - 2 * _trace_sqrt(centred @ s1 @ centred.T))

@@ -105,27 +105,32 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def load_fid_inception(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[FIDInceptionV3, str]:
-    """(model in eval mode, sha256 of the weights file). Strict: every key of the standard file, no other."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no Inception weights at {path}; download {STANDARD_WEIGHTS} from {WEIGHTS_URL} "
-                                "on a machine with internet access and pass its path with --inception")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+def fid_inception_from_state_dict(state: dict[str, torch.Tensor], what: str = "state dict") -> FIDInceptionV3:
+    """The network with these weights, in eval mode. Strict: every key of the standard file, no other."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors ({STANDARD_WEIGHTS})")
+        raise ValueError(f"{what}: expected a state dict of tensors ({STANDARD_WEIGHTS})")
     model = FIDInceptionV3()
     # Files saved before BatchNorm had a step counter lack `num_batches_tracked`; eval mode never reads it.
+    state = dict(state)
     for key, value in model.state_dict().items():
         if key.endswith("num_batches_tracked"):
             state.setdefault(key, value)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{path}: not the FID Inception weights ({STANDARD_WEIGHTS}):\n{err}") from None
+        raise ValueError(f"{what}: not the FID Inception weights ({STANDARD_WEIGHTS}):\n{err}") from None
+    return model.eval().requires_grad_(False)
+
+
+def load_fid_inception(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[FIDInceptionV3, str]:
+    """(model in eval mode, sha256 of the weights file), from a local copy of the standard file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no Inception weights at {path}; download {STANDARD_WEIGHTS} from {WEIGHTS_URL} "
+                                "on a machine with internet access and pass its path with --inception")
+    model = fid_inception_from_state_dict(torch.load(path, map_location="cpu", weights_only=True), str(path))
     sha = file_sha256(path)
     if not sha.startswith(STANDARD_SHA256_PREFIX):
         print(f"warning: {path} is not the standard FID Inception file (sha256 {sha[:8]}..., expected "
               f"{STANDARD_SHA256_PREFIX}...); FIDs will not be comparable to published ones", file=sys.stderr)
-    return model.eval().requires_grad_(False).to(device), sha
-
+    return model.to(device), sha

@@ -1,0 +1,137 @@
+"""`python -m launch {torchrun,slurm,chain,status} [options] [hydra overrides]` (see launch/README.md).
+
+    python -m launch torchrun stage=mini_test 'stage.data.shards="/data/{00000..00003}.tar"'
+    python -m launch slurm cluster=reference_32x8 cluster.partition=gpu stage=v1-2 ... [--dry-run]
+    python -m launch chain cluster=reference_32x8 run.name=sd-v1 'v1-2:stage.data.shards=...' [--dry-run]
+    python -m launch status run.name=sd-v1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import sys
+
+from launch import chain, slurm
+from launch.config import ConfigError, StageJob, stage_job
+from launch.sbatch import render
+from launch.status import format_table, stage_rows
+from launch.torchrun import shell_join, torchrun_argv, worker_env
+
+
+def _python(job: StageJob) -> str:
+    return job.cluster.python or sys.executable
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cmd_torchrun(args) -> int:
+    job = stage_job(args.overrides)
+    port = args.master_port or job.cluster.master_port
+    if port is None:
+        if job.cluster.nodes > 1:
+            raise ConfigError("several nodes must agree on the rendezvous port: pass --master-port (the same on "
+                              "every node) or set cluster.master_port")
+        port = _free_port()
+    argv = torchrun_argv(job, python=_python(job), nnodes=job.cluster.nodes,
+                         rdzv_endpoint=f"{args.master_addr}:{port}", rdzv_id=job.rdzv_id,
+                         local_addr=args.local_addr, module=args.module)
+    env = worker_env(job)
+    if args.dry_run:
+        print(shell_join(["env", *(f"{k}={v}" for k, v in env.items()), *argv]))
+        return 0
+    print(f"[launch] {job.stage}: {job.cluster.nodes} node(s) x {job.cluster.gpus_per_node} -> {job.run_dir}",
+          flush=True)
+    os.execvpe(argv[0], argv, {**os.environ, **env})
+
+
+def _submit_all(jobs: list[StageJob], args) -> int:
+    """Plan (skip finished stages, never submit a queued one twice), then submit or, with --dry-run, print."""
+    from train.status import read_status
+
+    can_ask_slurm = not args.dry_run or shutil.which("squeue")
+    decisions = chain.plan(jobs, status_of=read_status,
+                           active_of=slurm.active_job if can_ask_slurm else (lambda run_dir: None))
+
+    def submit(job: StageJob, after: str | None) -> str:
+        script = render(job, python=_python(job), module=args.module, dependency=after)
+        if args.dry_run:
+            print(script)
+            return f"<job of {job.stage}>"
+        return slurm.submit(job, script, after)
+
+    chain.execute(decisions, submit)
+    for d in decisions:
+        print(("# dry run: " if args.dry_run else "") + chain.describe(d))
+    return 0
+
+
+def cmd_slurm(args) -> int:
+    return _submit_all([stage_job(args.overrides)], args)
+
+
+def cmd_chain(args) -> int:
+    return _submit_all(chain.compose_chain(chain.parse_stages(args.stages), args.overrides), args)
+
+
+def cmd_status(args) -> int:
+    stages = args.stages
+    if stages is None and any(o.startswith("stage=") for o in args.overrides):
+        jobs = [stage_job(args.overrides, strict=False)]  # `status stage=X ...`: that stage alone
+    else:
+        jobs = chain.compose_chain(chain.parse_stages(stages or chain.DEFAULT_STAGES), args.overrides, strict=False)
+    # Outside a Slurm cluster only the status files are read.
+    state = slurm.job_state if shutil.which("squeue") else None
+    rows = stage_rows(jobs, slurm.read_record, state)
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m launch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help_)
+        cmd.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m train")
+        return cmd
+
+    t = add("torchrun", "run a stage here with torchrun (the same command on every node for several)")
+    t.add_argument("--master-addr", default="127.0.0.1", help="address of the rendezvous (first) node")
+    t.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: cluster.master_port, "
+                   "else a free port on one node)")
+    t.add_argument("--local-addr", default=None, help="this node's address, where its hostname does not resolve")
+    s = add("slurm", "submit one stage as a Slurm job (skipped if finished or already queued)")
+    c = add("chain", "submit the stage chain as Slurm jobs linked by afterok; LABEL:key=value applies to one "
+                     "stage only")
+    c.add_argument("--stages", default=chain.DEFAULT_STAGES, help=f"comma list (default {chain.DEFAULT_STAGES}); "
+                   "label=config runs a config under another stage name")
+    for cmd in (t, s, c):
+        cmd.add_argument("--dry-run", action="store_true", help="print what would run or be submitted")
+        cmd.add_argument("--module", default="train", help="the Python module the workers run")
+    st = add("status", "state, step and last loss of each stage (and its Slurm job)")
+    st.add_argument("--stages", default=None, help=f"comma list (default: the stage= override, else "
+                    f"{chain.DEFAULT_STAGES})")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    commands = {"torchrun": cmd_torchrun, "slurm": cmd_slurm, "chain": cmd_chain, "status": cmd_status}
+    try:
+        return commands[args.command](args)
+    except (ConfigError, slurm.SlurmError) as err:
+        print(f"launch {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

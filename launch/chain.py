@@ -1,0 +1,117 @@
+"""The stage chain: v1-1 (256) -> v1-1 (512) -> v1-2 -> v1-3 as Slurm jobs linked by afterok.
+
+Each stage after the first is initialised from the previous stage's export
+(`stage.init.from_checkpoint=<previous run.dir>/export`); what it carries (weights, EMA, step,
+warmup) is the stage config's `stage.init`. Submitting a chain again is safe: a finished stage is
+skipped, a stage that Slurm still holds (pending, running, requeued) is not submitted twice and the
+next stage waits for that job, and anything else is submitted, resuming from its own checkpoints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from launch.config import ConfigError, StageJob, stage_job
+
+# conf/stage/<name>.yaml, in training order (SD v1 model card).
+DEFAULT_STAGES = "v1-1_256,v1-1_512,v1-2,v1-3"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    label: str  # stage.name: the run folder, and the prefix of overrides meant for this stage only
+    config: str  # the stage config group option
+
+
+def parse_stages(text: str) -> list[StageSpec]:
+    """"a,b,c" runs those stage configs; "label=config" runs a config under another stage.name
+    (its own run folder), e.g. the same config twice in a test."""
+    specs = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        label, _, config = item.partition("=")
+        specs.append(StageSpec(label, config or label))
+    labels = [s.label for s in specs]
+    if not specs or len(set(labels)) != len(labels):
+        raise ConfigError(f"--stages {text!r}: give one or more distinct stage names, e.g. {DEFAULT_STAGES}")
+    return specs
+
+
+def split_overrides(tokens: Sequence[str], labels: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Overrides for every stage, and `LABEL:key=value` ones for one stage (e.g. its shards)."""
+    common, scoped = [], {label: [] for label in labels}
+    for token in tokens:
+        key = token.split("=", 1)[0]
+        if ":" in key:
+            label, _, rest = token.partition(":")
+            if label not in scoped:
+                raise ConfigError(f"{token!r} is scoped to stage {label!r}, which is not in the chain "
+                                  f"({', '.join(labels)})")
+            scoped[label].append(rest)
+        elif key in ("stage", "stage.name"):
+            raise ConfigError(f"{token!r}: a chain picks its stages with --stages (label=config to rename one)")
+        else:
+            common.append(token)
+    return common, scoped
+
+
+def compose_chain(specs: Sequence[StageSpec], tokens: Sequence[str], *, strict: bool = True) -> list[StageJob]:
+    """Every stage's job, composed (and, with `strict`, checked) before anything is submitted."""
+    common, scoped = split_overrides(tokens, [s.label for s in specs])
+    jobs: list[StageJob] = []
+    for spec in specs:
+        overrides = [f"stage={spec.config}", *common]
+        if spec.label != spec.config:
+            overrides.append(f"stage.name={spec.label}")
+        if jobs:
+            overrides.append(f"stage.init.from_checkpoint={jobs[-1].run_dir / 'export'}")
+        jobs.append(stage_job(overrides + scoped[spec.label], strict=strict))
+    dirs = [j.run_dir for j in jobs]
+    if len(set(dirs)) != len(dirs):
+        raise ConfigError(f"two stages share a run folder ({dirs}): keep run.dir's default "
+                          "(runs/${run.name}/${stage.name}) or put ${stage.name} in it")
+    return jobs
+
+
+@dataclass
+class Decision:
+    job: StageJob
+    action: str  # "finished": skipped; "queued": Slurm already holds it as job_id; "submit"
+    job_id: str | None = None
+    after: str | None = None  # the job it waits for (afterok)
+
+
+def plan(jobs: Sequence[StageJob], status_of: Callable, active_of: Callable) -> list[Decision]:
+    """What to do with each stage, from its status.json (`status_of(run_dir)`) and from Slurm
+    (`active_of(run_dir)`: the job id if still pending/running, else None)."""
+    decisions: list[Decision] = []
+    for job in jobs:
+        status = status_of(job.run_dir)
+        if status is not None and status.get("state") == "finished":
+            unfinished = [d.job.stage for d in decisions if d.action != "finished"]
+            if unfinished:
+                raise ConfigError(f"stage {job.stage} is finished but the earlier {unfinished} are not, so it was "
+                                  f"not initialised from them; remove {job.run_dir} or leave them out of --stages")
+            decisions.append(Decision(job, "finished"))
+            continue
+        active = active_of(job.run_dir)
+        decisions.append(Decision(job, "queued", job_id=active) if active else Decision(job, "submit"))
+    return decisions
+
+
+def execute(decisions: Sequence[Decision], submit: Callable[[StageJob, str | None], str]) -> None:
+    """Submit in order; each submitted stage waits (afterok) for the previous stage's job, if any."""
+    previous: str | None = None
+    for d in decisions:
+        if d.action == "submit":
+            d.after = previous
+            d.job_id = submit(d.job, previous)
+        previous = d.job_id  # None after a finished stage: nothing to wait for
+
+
+def describe(d: Decision) -> str:
+    if d.action == "finished":
+        return f"{d.job.stage}: finished, skipped ({d.job.run_dir})"
+    if d.action == "queued":
+        return f"{d.job.stage}: already in Slurm as job {d.job_id}, not submitted again"
+    after = f" after job {d.after} (afterok)" if d.after else ""
+    return f"{d.job.stage}: submitted as job {d.job_id}{after} -> {d.job.run_dir}"

@@ -1,0 +1,45 @@
+"""`python -m launch status`: each stage's state, step and last loss (from its status.json, written by
+the trainer) and, where the stage was submitted to Slurm, the job and what Slurm says of it."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from launch.config import StageJob
+from train.status import read_status
+
+COLUMNS = ("stage", "state", "step", "loss", "updated", "job", "slurm")
+
+
+def stage_rows(jobs: Sequence[StageJob], read_record: Callable, job_state: Callable | None) -> list[dict]:
+    """One dict a stage; `job_state(job_id)` is None where Slurm is not reachable (local runs)."""
+    rows = []
+    for job in jobs:
+        status = read_status(job.run_dir) or {}
+        record = read_record(job.run_dir) or {}
+        job_id = record.get("job_id")
+        rows.append({
+            "stage": job.stage, "run_dir": str(job.run_dir),
+            # A stage with no status.json has not started (or is still waiting in the queue).
+            "state": status.get("state", "not started"),
+            "step": status.get("step"), "total_steps": status.get("total_steps"), "loss": status.get("loss"),
+            "updated": status.get("updated"), "job": job_id,
+            "slurm": job_state(job_id) if (job_id and job_state) else None,
+        })
+    return rows
+
+
+def _cell(row: dict, column: str) -> str:
+    if column == "step":
+        return "-" if row["step"] is None else f"{row['step']}/{row['total_steps']}"
+    if column == "loss":
+        return "-" if row["loss"] is None else f"{row['loss']:.4f}"
+    if column == "slurm" and row["job"] and row["slurm"] is None:
+        return "gone"  # Slurm no longer knows the job (MinJobAge passed)
+    value = row[column]
+    return "-" if value is None else str(value)
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    cells = [list(COLUMNS)] + [[_cell(r, c) for c in COLUMNS] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in cells)

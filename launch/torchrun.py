@@ -1,0 +1,59 @@
+"""torchrun command lines: one node, or many (the same command on every node, c10d rendezvous).
+
+Used directly by `python -m launch torchrun` and, with shell variables for the addresses, inside the
+sbatch script. Design points:
+- c10d rendezvous on the first node's address, also for one node, so 1 and N nodes take one path;
+- `--max-restarts`: a crashed worker restarts the whole group, which resumes from `checkpoints/latest`;
+  TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 because restarted workers otherwise read stale gloo addresses
+  from the shared rendezvous store and hang (pytorch #135712, #167288; FIELD_NOTES);
+- `--signals-to-handle` adds SIGUSR1 (torchrun's agent dies on it by default): the agent then passes the
+  pre-emption signal to its workers, waits up to `--shutdown-timeout` for their checkpoint, and stops
+  without restarting them.
+"""
+from __future__ import annotations
+
+import shlex
+from typing import Sequence
+
+from launch.config import REQUEUE_MARGIN_S, StageJob
+
+HANDLED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+
+
+class Shell(str):
+    """A word for the shell to expand (it holds "$VAR"s): quoted with "", never with ''."""
+
+
+def _opt(name: str, value: str | int) -> str:
+    word = f"{name}={value}"
+    return Shell(word) if isinstance(value, Shell) else word
+
+
+def shell_join(words: Sequence[str]) -> str:
+    return " ".join(f'"{w}"' if isinstance(w, Shell) else shlex.quote(w) for w in words)
+
+
+def torchrun_argv(job: StageJob, *, python: str, nnodes: int | str, rdzv_endpoint: str, rdzv_id: str,
+                  local_addr: str | None = None, module: str = "train") -> list[str]:
+    """`python -m torch.distributed.run ... -m <module> <overrides>` as a list of words."""
+    c = job.cluster
+    argv = [*c.exec_prefix, python, "-m", "torch.distributed.run",
+            _opt("--nnodes", nnodes), _opt("--nproc-per-node", c.gpus_per_node),
+            "--rdzv-backend=c10d", _opt("--rdzv-endpoint", rdzv_endpoint), _opt("--rdzv-id", rdzv_id),
+            _opt("--max-restarts", c.max_restarts), f"--signals-to-handle={HANDLED_SIGNALS}",
+            _opt("--shutdown-timeout", c.signal_grace_s - REQUEUE_MARGIN_S)]
+    if local_addr is not None:
+        argv.append(_opt("--local-addr", local_addr))
+    return argv + ["-m", module, *job.overrides]
+
+
+def worker_env(job: StageJob) -> dict[str, str]:
+    """Environment for torchrun and its workers; the cluster's `env` wins over these defaults."""
+    c = job.cluster
+    env = {
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+        # torchrun would force 1 thread per worker; give each its share of the task's CPUs instead.
+        "OMP_NUM_THREADS": str(max(1, c.cpus_per_task // c.gpus_per_node)),
+    }
+    env.update({k: str(v) for k, v in c.env.items()})
+    return env

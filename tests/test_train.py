@@ -1,0 +1,148 @@
+"""The trainer end to end: 2 processes (torchrun, gloo, CPU), every backend, exact resume, pre-emption,
+non-finite losses. Each run is a few steps of the tiny model on synthetic shards."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+import torch
+
+from data.synth import write_synthetic_shards
+from train_helpers import REPO, exported_unet, run_train, status, torchrun_cmd, train_env
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    write_synthetic_shards(out, num_shards=4, samples_per_shard=16, image_size=64, seed=0)
+    return f"stage.data.shards='{out}/{{00000..00003}}.tar'"
+
+
+def _overrides(shards, run_dir, *extra):
+    return [shards, f"run.dir={run_dir}", "parallel.precision=fp32", *extra]
+
+
+def _unet(run_dir):
+    sd = exported_unet(run_dir)
+    return {k: v for k, v in sd.items() if k.startswith("model.")}
+
+
+def _ema(run_dir):
+    sd = exported_unet(run_dir)
+    return {k: v for k, v in sd.items() if k.startswith("model_ema.")}
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory, shards):
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    run_train(run_dir.parent, _overrides(shards, run_dir, "backend=ddp"))
+    return run_dir
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "deepspeed-1", "deepspeed-2", "deepspeed-3"])
+def test_backends_reach_the_same_loss_and_weights(tmp_path, shards, ddp_reference, backend):
+    name, _, zero = backend.partition("-")
+    extra = [f"backend={name}"] + ([f"parallel.zero_stage={zero}"] if zero else [])
+    run_train(tmp_path, _overrides(shards, tmp_path / "run", *extra))
+    ref, got = status(ddp_reference), status(tmp_path / "run")
+    assert got["state"] == "finished" and got["step"] == ref["step"] == 6
+    # Same data, same noise, same init: only the order of floating-point reductions differs.
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-4)
+    a, b = _unet(ddp_reference), _unet(tmp_path / "run")
+    assert a.keys() == b.keys()
+    # Adam divides by sqrt(v): parameters with almost no gradient (conv biases in front of a GroupNorm)
+    # move by ~lr per step whatever the sign of their reduction noise. So bound the absolute drift by a
+    # fraction of the largest possible movement (6 steps x lr 1e-3), and the typical relative drift tightly.
+    drift = [(a[k] - b[k]).abs().max().item() for k in a]
+    assert max(drift) < 1e-3
+    rel = [((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)).item() for k in a]
+    assert sum(rel) / len(rel) < 1e-4
+    ema_a, ema_b = _ema(ddp_reference), _ema(tmp_path / "run")
+    assert ema_a.keys() == ema_b.keys() and len(ema_a) == 688
+    assert all(torch.allclose(ema_a[k].float(), ema_b[k].float(), rtol=0, atol=1e-3) for k in ema_a)
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
+def test_kill_and_resume_is_bitwise_exact(tmp_path, shards, backend):
+    straight = tmp_path / "straight"
+    run_train(tmp_path, _overrides(shards, straight, f"backend={backend}"))
+    broken = tmp_path / "broken"
+    crash = _overrides(shards, broken, f"backend={backend}", "fault.kill_after_checkpoint_at_step=3")
+    run_train(tmp_path, crash, expect=None)
+    assert (broken / "checkpoints" / "latest").read_text() == "step-3"
+    assert status(broken)["state"] == "running"  # it died, nobody said finished
+    run_train(tmp_path, _overrides(shards, broken, f"backend={backend}"))
+    a, b = exported_unet(straight), exported_unet(broken)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert status(straight)["loss"] == status(broken)["loss"]
+
+
+def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
+    return [c for c in psutil.Process(proc.pid).children(recursive=True) if "train" in " ".join(c.cmdline())]
+
+
+def test_preemption_signal_checkpoints_and_asks_for_requeue(tmp_path, shards):
+    run_dir = tmp_path / "run"
+    cmd = torchrun_cmd(_overrides(shards, run_dir, "backend=fsdp", "stage.steps=400",
+                                  "checkpoint.every_steps=1000", "cluster.gpus_per_node=2"))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=train_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:  # wait until training is under way
+            if (run_dir / "status.json").is_file() and status(run_dir)["step"] >= 2:
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+        for worker in _workers(proc):
+            worker.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    s = status(run_dir)
+    assert s["state"] == "preempted", out[-3000:]
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step-{s['step']}"
+    assert json.loads((run_dir / "last_exit.json").read_text())["exit_code"] == 75
+    # The requeued job resumes where it stopped and finishes.
+    run_train(tmp_path, _overrides(shards, run_dir, "backend=fsdp", f"stage.steps={s['step'] + 2}",
+                                   "checkpoint.every_steps=1000"))
+    assert status(run_dir)["state"] == "finished" and status(run_dir)["step"] == s["step"] + 2
+
+
+def test_nonfinite_loss_skips_the_update_then_aborts_after_k_in_a_row(tmp_path, shards):
+    run_dir = tmp_path / "skip"
+    run_train(tmp_path, _overrides(shards, run_dir, "backend=ddp", "fault.nan_loss_at_steps=[2]"))
+    s = status(run_dir)
+    assert s["state"] == "finished"
+    meta = json.loads((run_dir / "checkpoints" / "step-6" / "meta.json").read_text())
+    assert meta["nonfinite_skipped"] == 1
+
+    run_dir = tmp_path / "abort"
+    proc = run_train(tmp_path, _overrides(shards, run_dir, "backend=ddp", "fault.nan_loss_at_steps=[1,2,3,4]",
+                                          "checkpoint.max_nonfinite_in_a_row=3"), expect=None)
+    assert proc.returncode != 0
+    assert status(run_dir)["state"] == "failed"
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step-4"  # saved before aborting
+
+
+def test_two_nodes_on_one_host_match_one_node(tmp_path, shards, ddp_reference):
+    """Two torchrun agents (--nnodes=2, c10d rendezvous on 127.0.0.1), one process each."""
+    from train_helpers import free_port
+    import sys
+
+    run_dir = tmp_path / "run"
+    port = free_port()
+    base = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=twonodes", "-m", "train",
+            *_overrides(shards, run_dir, "backend=ddp", "cluster.nodes=2", "cluster.gpus_per_node=1")]
+    agents = [subprocess.Popen(base, cwd=REPO, env=train_env(tmp_path), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [a.communicate(timeout=300)[0] for a in agents]
+    assert all(a.returncode == 0 for a in agents), outs[0][-3000:] + outs[1][-3000:]
+    assert status(run_dir)["loss"] == pytest.approx(status(ddp_reference)["loss"], rel=1e-6)

@@ -1,0 +1,203 @@
+"""SD v1 in miniature: the embedded default main job (`./repro train`), on a CPU, no downloads.
+
+    python -m train.mini [--root runs] [--procs 2] [--backend fsdp]
+
+1. Writes a synthetic captioned dataset in img2dataset's shard format (coloured shapes, captions
+   that say what they are, LAION-like metadata spread across the stage filters' thresholds).
+2. Runs the SD v1 stage chain, shrunk: mini_v1-1_256 -> mini_v1-1_512 (twice the resolution, the
+   high-resolution subset) -> mini_v1-2 (improved-aesthetics subset) -> mini_v1-3 (10% caption
+   dropout), each stage initialised from the previous stage's export, 2 processes under torchrun,
+   through `python -m train` with the configs in conf/stage/mini_*.yaml: the code path of the real run.
+   The model is the tiny UNet with a pixel-space first stage (average pooling by f=8; see
+   models/pixel_first_stage.py): a random VAE would hide what the UNet learned.
+3. Samples every caption pattern with classifier-free guidance (DDIM, EMA weights), writes the grid,
+   the loss curve and a report, and checks that text conditioning was learned: the shape colour asked
+   for must be the dominant non-background colour of the image in >= 80% of samples.
+A stage that already finished is skipped, so a re-run only redoes what is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+STAGES = ("mini_v1-1_256", "mini_v1-1_512", "mini_v1-2", "mini_v1-3")
+RUN_NAME = "mini"
+PASS_FRACTION = 0.8
+
+
+def write_data(data_dir: Path) -> None:
+    from data.synth import write_synthetic_shards
+
+    if (data_dir / "00007.tar").is_file():
+        return
+    write_synthetic_shards(data_dir, num_shards=8, samples_per_shard=128, image_size=128, seed=0)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_stage(stage: str, root: Path, procs: int, backend: str, extra: list[str]) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={procs}",
+           f"--master-port={_free_port()}", "-m", "train", f"stage={stage}", f"run.root={root}",
+           f"cluster.gpus_per_node={procs}", f"backend={backend}", *extra]
+    print(f"\n=== {stage}: {' '.join(cmd[3:])}", flush=True)
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    code = subprocess.call(cmd, env=env)
+    if code != 0:
+        raise SystemExit(f"{stage} failed (exit {code}); fix the cause and re-run: finished stages are kept")
+
+
+def nearest_colour_names(image: torch.Tensor, palette: dict[str, tuple[int, int, int]]) -> list[str]:
+    """Per pixel, the name of the nearest palette colour (image: [3, H, W] in [0, 1])."""
+    names = list(palette)
+    colours = torch.tensor([palette[n] for n in names], dtype=torch.float32) / 255.0
+    pixels = image.permute(1, 2, 0).reshape(-1, 3)
+    index = torch.cdist(pixels, colours).argmin(dim=1)
+    return [names[i] for i in index.tolist()]
+
+
+def dominant_shape_colour(image: torch.Tensor, background: str) -> str | None:
+    from collections import Counter
+
+    from data.synth import BACKGROUNDS, COLORS
+
+    counts = Counter(nearest_colour_names(image, {**COLORS, **BACKGROUNDS}))
+    counts.pop(background, None)
+    for name, _ in counts.most_common():
+        if name in COLORS:
+            return name
+    return None
+
+
+def prompts() -> list[dict]:
+    from data.synth import COLORS, SHAPES, _contrasting_backgrounds
+
+    out = []
+    for i, colour in enumerate(sorted(COLORS)):
+        for j, shape in enumerate(SHAPES):
+            backgrounds = _contrasting_backgrounds(colour)
+            background = backgrounds[(i + j) % len(backgrounds)]
+            article = "an" if colour[0] in "aeiou" else "a"
+            out.append({"prompt": f"{article} {colour} {shape} on a {background} background", "color": colour,
+                        "background": background, "seed": 1000 + len(out)})
+    return out
+
+
+@torch.no_grad()
+def evaluate(root: Path, scale: float = 3.0, steps: int = 50) -> dict:
+    from models.configs import mini
+    from models.guidance import ClassifierFreeGuidance, unconditional_context
+    from models.samplers import ddim_sample, ddim_timesteps, initial_noise
+    from models.stable_diffusion import load_ldm_checkpoint
+    from models.text_encoder import encode_prompts
+    from models.tokenizer import CLIPTokenizer
+
+    cfg = mini()
+    export = root / RUN_NAME / STAGES[-1] / "export" / "model.ckpt"
+    m = load_ldm_checkpoint(export, cfg)
+    if m.unet_ema is not None:
+        m.unet.load_state_dict(m.unet_ema)  # sample with the EMA weights, as the released checkpoints do
+    unet = m.unet.eval()
+    tokenizer = CLIPTokenizer()
+    cases = prompts()
+    context = encode_prompts(tokenizer, m.text_encoder, [c["prompt"] for c in cases])
+    guided = ClassifierFreeGuidance(unet, unconditional_context(tokenizer, m.text_encoder), scale)
+    latent = 128 // 8
+    x = initial_noise([c["seed"] for c in cases], (cfg.unet.in_channels, latent, latent))
+    z = ddim_sample(guided, x, ddim_timesteps(steps), context, alphas_cumprod=m.schedule.alphas_cumprod)
+    images = ((m.vae.decode_latents(z) + 1) / 2).clamp(0, 1)
+    hits = []
+    for case, image in zip(cases, images):
+        got = dominant_shape_colour(image, case["background"])
+        case["generated_color"] = got
+        hits.append(got == case["color"])
+    return {"scale": scale, "steps": steps, "sampler": "ddim", "weights": "ema" if m.unet_ema is not None else "raw",
+            "accuracy": sum(hits) / len(hits), "cases": cases, "images": images}
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: int) -> None:
+    from torchvision.utils import save_image
+
+    save_image(images, path, nrow=columns, padding=2, pad_value=1.0)
+
+
+def loss_history(root: Path) -> list[tuple[int, float, str]]:
+    from train.wandb_records import read_run
+
+    points = []
+    for stage in STAGES:
+        for wandb_file in sorted((root / RUN_NAME / stage / "wandb").glob("offline-run-*/run-*.wandb")):
+            for row in read_run(wandb_file).history:
+                if "train/loss" in row:
+                    points.append((int(row["_step"]), float(row["train/loss"]), stage))
+    return sorted(set(points))
+
+
+def plot_loss(points: list[tuple[int, float, str]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=120)
+    for stage in STAGES:
+        xs = [p[0] for p in points if p[2] == stage]
+        ys = [p[1] for p in points if p[2] == stage]
+        if xs:
+            ax.plot(xs, ys, label=stage)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("epsilon MSE (log window mean)")
+    ax.set_yscale("log")
+    ax.set_title("SD v1 in miniature: training loss across the stage chain")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.mini", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path("runs"), help="run.root: data and stages go under ROOT/mini")
+    parser.add_argument("--procs", type=int, default=2, help="training processes (gloo on the CPU)")
+    parser.add_argument("--backend", default="fsdp", choices=["ddp", "fsdp", "deepspeed"])
+    parser.add_argument("--scale", type=float, default=3.0, help="classifier-free guidance scale for the check")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every stage")
+    args = parser.parse_args(argv)
+    root = args.root.resolve()
+    out = root / RUN_NAME
+    write_data(out / "data")
+    from train.status import read_status
+
+    for stage in STAGES:
+        status = read_status(out / stage)
+        if status and status["state"] == "finished":
+            print(f"=== {stage}: finished earlier (step {status['step']}), skipped", flush=True)
+            continue
+        run_stage(stage, root, args.procs, args.backend, args.overrides)
+
+    result = evaluate(root, args.scale)
+    save_grid(result.pop("images"), out / "samples.png", columns=4)
+    points = loss_history(root)
+    plot_loss(points, out / "loss.png")
+    (out / "report.json").write_text(json.dumps({**result, "loss": points}, indent=1))
+    passed = result["accuracy"] >= PASS_FRACTION
+    print(f"\nsample grid: {out / 'samples.png'}\nloss curve:  {out / 'loss.png'}\nreport:      {out / 'report.json'}")
+    print(f"text conditioning: the asked-for colour dominates {result['accuracy']:.0%} of {len(result['cases'])} "
+          f"samples (guidance {args.scale}, DDIM {result['steps']} steps, {result['weights']} weights): "
+          f"{'PASS' if passed else 'FAIL'} (needs >= {PASS_FRACTION:.0%})")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
