@@ -59,7 +59,10 @@ def stage_job(overrides: Sequence[str], *, strict: bool = True) -> StageJob:
     try:
         cfg = compose_config(overrides)
     except Exception as err:  # Hydra's errors name the bad override; add where the options are
-        raise ConfigError(f"{err} (config groups live in {train_main.CONF_DIR})") from err
+        hint = ""
+        if "mismatched input" in str(err) and any("{" in o for o in overrides):
+            hint = "; quote values with braces for Hydra: stage.data.shards='/data/{00000..00099}.tar'"
+        raise ConfigError(f"{err} (config groups live in {train_main.CONF_DIR}){hint}") from err
     run_dir = Path(str(cfg.run.dir)).expanduser().absolute()
     cluster: ClusterConfig = OmegaConf.to_object(
         OmegaConf.merge(OmegaConf.structured(ClusterConfig), cfg.cluster))

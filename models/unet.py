@@ -25,10 +25,11 @@ from .configs import UNetConfig
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in fp32 whatever the activation dtype, as the original does."""
+    """GroupNorm computed in fp32 whatever the activation dtype, as the original does (its parameters are
+    upcast too: under FSDP2 mixed precision they arrive in bf16)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

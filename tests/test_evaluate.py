@@ -191,15 +191,18 @@ def test_killed_run_continues_where_it_stopped(setup, finished, monkeypatch):
         return sample.txt2img(models, prompts, seeds, cfg, scale)
 
     monkeypatch.setattr(evaluate, "txt2img", dies_on_second_batch)
+    # The reference statistics the first run cached, given as a pytorch-fid style .npz this time.
+    (ref_stats,) = (root / "cache").glob("coco_ref_*.npz")
+    extra = ("--batch-size", "2", "--scales", "1.5", "--ref-stats", str(ref_stats))
     with pytest.raises(KeyboardInterrupt):
-        evaluate.main(argv(root, ckpt, captions, out, "--batch-size", "2", "--scales", "1.5"))
+        evaluate.main(argv(root, ckpt, captions, out, *extra))
     folder = out / "v1-x" / "scale_1.5"
     assert sorted(p.name for p in folder.iterdir()) == ["00000.png", "00001.png"]
     kept = _mtimes(out)
 
     made.clear()
     monkeypatch.setattr(evaluate, "txt2img", lambda *a, **k: made.append(list(a[2])) or sample.txt2img(*a, **k))
-    assert evaluate.main(argv(root, ckpt, captions, out, "--batch-size", "2", "--scales", "1.5")) == 0
+    assert evaluate.main(argv(root, ckpt, captions, out, *extra)) == 0
     assert made == [[2, 3]]  # only the missing images
     assert all(_mtimes(out)[p] == t for p, t in kept.items())
     for i in range(N):

@@ -5,6 +5,7 @@ No real weights exist offline: Inception and CLIP are randomly initialised here 
 of the real files. The Inception's BatchNorm statistics are set from one batch of noise so that its
 activations keep a unit scale through 94 layers (with PyTorch's default init they would shrink to ~0).
 """
+import functools
 import json
 import zipfile
 
@@ -23,6 +24,7 @@ from tools.metrics.inception import FIDInceptionV3, fid_inception_from_state_dic
 TINY_CLIP = "sdrepro-test-tiny-clip"
 
 
+@functools.lru_cache(maxsize=1)  # shared by the test files; callers only read it
 def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     model = FIDInceptionV3()

@@ -71,15 +71,27 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path, shards, backend):
     straight = tmp_path / "straight"
     run_train(tmp_path, _overrides(shards, straight, f"backend={backend}"))
     broken = tmp_path / "broken"
-    crash = _overrides(shards, broken, f"backend={backend}", "fault.kill_after_checkpoint_at_step=3")
+    offline = "tracking.wandb_mode=offline"
+    crash = _overrides(shards, broken, f"backend={backend}", offline, "fault.kill_after_checkpoint_at_step=3")
     run_train(tmp_path, crash, expect=None)
     assert (broken / "checkpoints" / "latest").read_text() == "step-3"
     assert status(broken)["state"] == "running"  # it died, nobody said finished
-    run_train(tmp_path, _overrides(shards, broken, f"backend={backend}"))
+    run_train(tmp_path, _overrides(shards, broken, f"backend={backend}", offline))
     a, b = exported_unet(straight), exported_unet(broken)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     assert status(straight)["loss"] == status(broken)["loss"]
+
+    # The resumed process continued the W&B run saved in the checkpoint, from the step after it. (What the
+    # killed process had not flushed to its own offline file is lost with it, as with any SIGKILL.)
+    from train.wandb_records import read_run
+
+    saved_id = json.loads((broken / "checkpoints" / "step-3" / "meta.json").read_text())["wandb_run_id"]
+    files = sorted((broken / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and all(saved_id in f.name for f in files)
+    resumed = read_run(files[-1])
+    assert resumed.run_id == saved_id
+    assert sorted(r["_step"] for r in resumed.history if "train/loss" in r) == [4, 5, 6]
 
 
 def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -146,3 +158,21 @@ def test_two_nodes_on_one_host_match_one_node(tmp_path, shards, ddp_reference):
     outs = [a.communicate(timeout=300)[0] for a in agents]
     assert all(a.returncode == 0 for a in agents), outs[0][-3000:] + outs[1][-3000:]
     assert status(run_dir)["loss"] == pytest.approx(status(ddp_reference)["loss"], rel=1e-6)
+
+
+def test_wandb_offline_records_the_logged_losses_and_samples(tmp_path, shards):
+    from train.wandb_records import read_run
+
+    run_dir = tmp_path / "run"
+    run_train(tmp_path, _overrides(shards, run_dir, "backend=fsdp", "tracking.wandb_mode=offline",
+                                   "tracking.sample_every=3", "tracking.sample_prompts=[a red circle,a blue square]"))
+    (wandb_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    records = read_run(wandb_file)
+    losses = {row["_step"]: row["train/loss"] for row in records.history if "train/loss" in row}
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert losses[6] == pytest.approx(status(run_dir)["loss"], rel=1e-6)
+    assert all(0.0 < v < 10.0 for v in losses.values())
+    sample_steps = sorted(row["_step"] for row in records.history if "samples" in row)
+    assert sample_steps == [3, 6]
+    assert records.config["stage"]["name"] == "mini_test"
+    assert records.summary["steps"] == 6

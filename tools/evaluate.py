@@ -13,6 +13,16 @@ tools/metrics/coco.py), 50 PLMS steps, 512x512, scales 1.5-8, EMA weights. Image
 caption i with seed `--seed + i` at every scale and for every checkpoint, so the comparisons are paired
 and `python -m tools.sample CKPT --prompt CAPTION --seed SEED` regenerates it (captions.json lists both).
 
+Files you provide (nothing is downloaded):
+  --coco-captions  annotations/captions_val2017.json (annotations_trainval2017.zip of cocodataset.org)
+  --coco-images    val2017/ (val2017.zip), the real images of the FID reference
+  --inception      pt_inception-2015-12-05-6726825d.pth, the standard FID Inception weights of pytorch-fid's
+                   release (github.com/mseitzer/pytorch-fid/releases/download/fid_weights/...); torch-fidelity,
+                   pytorch-fid and clean-fid fetch it at run time, so copy it from a machine that has it
+                   (~/.cache/torch/hub/checkpoints/) anywhere and pass the path
+  --clip           CLIP ViT-L/14: OpenAI's ViT-L-14.pt, or open_clip_pytorch_model.bin of
+                   timm/vit_large_patch14_clip_224.openai (QuickGELU is on by default, as those weights need)
+
 Metrics (tools/metrics): FID of the generated PNGs against the real images behind the drawn captions
 (centre-cropped and resized to the generated size, then pytorch-fid's preprocessing); its reference
 statistics are computed once per (images, size, Inception weights) and cached under --cache-dir, or
@@ -119,8 +129,9 @@ class EvalConfig:
 
     def protocol(self) -> dict:
         """What decides the images (not N: a larger draw extends a smaller one)."""
-        return {"sampling": asdict(self.sampling), "seed": self.seed, "caption_seed": self.caption_seed,
-                "arch": self.arch, "ema": self.ema}
+        sampling = {k: v for k, v in asdict(self.sampling).items() if k != "scale"}  # scales are swept
+        return {"sampling": sampling, "seed": self.seed, "caption_seed": self.caption_seed, "arch": self.arch,
+                "ema": self.ema}
 
 
 def _default_name(path: Path) -> str:
@@ -282,7 +293,8 @@ def reference_statistics(cfg: EvalConfig, captions: list[Caption], inception, in
         return FeatureStats.load(cfg.ref_stats) if d.rank == 0 else None
     files = reference_files(captions, cfg.coco_images)
     size = cfg.ref_size or cfg.sampling.height
-    key = {"images": [f.name for f in files], "size": size, "inception_sha256": inception_sha,
+    key = {"folder": str(Path(cfg.coco_images).resolve()), "images": [f.name for f in files],
+           "bytes": sum(f.stat().st_size for f in files), "size": size, "inception_sha256": inception_sha,
            "preprocess": "RGB, centre square, PIL bicubic to size, uint8; pytorch-fid: /255, bilinear 299, 2x-1"}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     cache = (cfg.cache_dir or default_cache_dir()) / f"coco_ref_{len(files)}_{size}px_{digest}.npz"
@@ -296,7 +308,7 @@ def reference_statistics(cfg: EvalConfig, captions: list[Caption], inception, in
     full = _gather_in_order(d, len(files), mine, feats)
     if d.rank != 0:
         return None
-    stats = feature_statistics(full["inception"], meta={**key, "images": len(files)})
+    stats = feature_statistics(full["inception"], meta={**key, "images": len(files)})  # a count: the npz stays small
     stats.save(cache)
     return stats
 

@@ -104,11 +104,11 @@ def plot_fid_vs_clip(rows: Sequence[dict], path: Path, model_card: bool = False,
         ax.plot([p["clip_score"] for p in front], [p["fid"] for p in front], linestyle="--", color="grey",
                 linewidth=1, label="Pareto front")
     if model_card:
-        for ref in MODEL_CARD_BEST:
+        for i, ref in enumerate(MODEL_CARD_BEST):
             ax.plot([ref["clip_score"]], [ref["fid"]], marker="X", markersize=9, color="black", alpha=0.5,
-                    linestyle="none")
-            ax.annotate(f"model card {ref['checkpoint']}", (ref["clip_score"], ref["fid"]), textcoords="offset points",
-                        xytext=(4, -10), fontsize=7, alpha=0.7)
+                    linestyle="none", label="model card, best FID" if i == 0 else None)
+            ax.annotate(ref["checkpoint"], (ref["clip_score"], ref["fid"]), textcoords="offset points",
+                        xytext=(5, -12 - 8 * i), fontsize=7, alpha=0.7)
     n = sorted({r.get("num_images") for r in rows} - {None})
     ax.set_xlabel("CLIP score (ViT-L/14 cosine)")
     ax.set_ylabel(f"FID ({', '.join(f'{k:,}' for k in n) or '?'} images)")

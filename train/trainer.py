@@ -196,6 +196,8 @@ class Trainer:
             if state.step % cfg.tracking.log_every == 0 or state.step == total:
                 self._log(window_losses, grad_norm, meter, progress)
                 window_losses = []
+            if cfg.tracking.sample_every and state.step % cfg.tracking.sample_every == 0:
+                self._log_samples()
             preempted = all_reduce_max(1.0 if flag.set else 0.0, env.device) > 0
             if preempted or state.step % cfg.checkpoint.every_steps == 0:
                 path = self.save()
@@ -246,6 +248,34 @@ class Trainer:
         progress.log(state.step, loss=state.last_loss, lr=metrics["train/lr"],
                      img_per_s=metrics.get("throughput/img_per_s"))
         self._status("running")
+
+
+    @torch.no_grad()
+    def _log_samples(self, steps: int = 20, scale: float = 3.0) -> None:
+        """A grid from the fixed prompts (DDIM, classifier-free guidance, current raw weights, fixed seeds).
+
+        Every rank runs it: under FSDP2 and ZeRO-3 the forward pass is collective."""
+        from models.guidance import ClassifierFreeGuidance
+        from models.samplers import ddim_sample, ddim_timesteps, initial_noise
+        from models.tokenizer import CLIPTokenizer
+
+        prompts = list(self.cfg.tracking.sample_prompts)
+        tokenizer = CLIPTokenizer()
+        device = self.env.device
+        context = self.frozen.text_encoder(tokenizer(prompts).to(device)).float()
+        uncond = self.frozen.text_encoder(tokenizer([""]).to(device)).float()
+        self.engine.unet.eval()
+        try:
+            with self.engine.autocast():
+                guided = ClassifierFreeGuidance(self.engine.module, uncond, scale)
+                latent = self.cfg.stage.data.resolution // self.sd_cfg.vae.downsample_factor
+                x = initial_noise(range(len(prompts)), (self.sd_cfg.unet.in_channels, latent, latent)).to(device)
+                z = ddim_sample(guided, x, ddim_timesteps(steps), context,
+                                alphas_cumprod=self.schedule.alphas_cumprod)
+            images = self.frozen.vae.decode_latents(z)
+        finally:
+            self.engine.unet.train()
+        self.tracker.log_images("samples", ((images.float() + 1) / 2).clamp(0, 1).cpu(), prompts, self.state.step)
 
 
 def run(cfg: TrainConfig, config_dict: dict) -> int:

@@ -1,0 +1,90 @@
+"""Cluster configs: every shipped one composes and passes the launcher's checks, command-line overrides
+reach it, and what Slurm or the trainer would refuse is refused on the login node with a message that
+says what to change."""
+from __future__ import annotations
+
+import pytest
+
+from launch.config import REPO, check_cluster, stage_job, time_limit_s
+from train.config import ClusterConfig, ConfigError
+
+SHARDS = "stage.data.shards='/data/{00000..00003}.tar'"
+CLUSTERS = sorted(p.stem for p in (REPO / "conf" / "cluster").glob("*.yaml"))
+
+
+def _job(*overrides: str, strict: bool = True):
+    return stage_job(["stage=mini_test", SHARDS, *overrides], strict=strict)
+
+
+def test_the_three_clusters_ship():
+    assert {"local", "gpu_node", "reference_32x8"} <= set(CLUSTERS)
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS)
+def test_every_shipped_cluster_composes_and_passes_the_checks(cluster):
+    # global_batch 512 divides by every shipped world size x micro-batch 2.
+    job = _job(f"cluster={cluster}", "stage.global_batch=512")
+    assert isinstance(job.cluster, ClusterConfig) and job.cluster.name == cluster
+    check_cluster(job.cluster)
+
+
+def test_cluster_shapes():
+    local, node, ref = (_job(f"cluster={c}", "stage.global_batch=512").cluster
+                        for c in ("local", "gpu_node", "reference_32x8"))
+    assert (local.device, local.nodes * local.gpus_per_node) == ("cpu", 2)
+    assert (node.device, node.nodes, node.gpus_per_node) == ("cuda", 1, 8)
+    assert (ref.nodes, ref.gpus_per_node, ref.gpu_name) == (32, 8, "A100-SXM4-80GB")
+    assert ref.env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and "--exclusive" in ref.sbatch_args
+
+
+def test_everything_is_overridable_from_the_command_line():
+    c = _job("cluster=reference_32x8", "stage.global_batch=512", "cluster.nodes=4", "cluster.partition=gpu",
+             "cluster.account=laion", "cluster.time_limit=2-00:00:00", "cluster.cpus_per_task=64",
+             "cluster.mem=900G", "cluster.setup=[module load cuda]", "+cluster.env.NCCL_DEBUG_SUBSYS=INIT",
+             "cluster.log_dir=/logs", "cluster.master_port=29600", "cluster.python=/opt/venv/bin/python").cluster
+    assert (c.nodes, c.partition, c.account, c.time_limit, c.cpus_per_task, c.mem) == (
+        4, "gpu", "laion", "2-00:00:00", 64, "900G")
+    assert c.setup == ["module load cuda"] and c.env["NCCL_DEBUG_SUBSYS"] == "INIT"
+    assert (c.log_dir, c.master_port, c.python) == ("/logs", 29600, "/opt/venv/bin/python")
+
+
+def test_run_dir_is_absolute_and_pinned_for_the_trainer(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = _job("run.name=r1")
+    assert job.run_dir == tmp_path / "runs" / "r1" / "mini_test"
+    assert job.overrides[-1] == f"run.dir={job.run_dir}" and job.name == "r1.mini_test"
+    moved = _job("run.dir=elsewhere")
+    assert moved.run_dir == tmp_path / "elsewhere"
+    assert [o for o in moved.overrides if o.startswith("run.dir=")] == [f"run.dir={tmp_path / 'elsewhere'}"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], "stage.data.shards"),  # a missing value the trainer needs
+    (["stage.micro_batch=3"], "stage.global_batch=8 is not a multiple"),  # impossible batch split
+    (["cluster.time_limit=tomorrow"], "cluster.time_limit='tomorrow'"),
+    (["cluster.signal_grace_s=30"], "cluster.signal_grace_s=30: use at least 60"),
+    (["cluster.time_limit=5", "cluster.signal_grace_s=300"], "is not shorter than cluster.time_limit"),
+    (["cluster.mem=lots"], "cluster.mem='lots'"),
+    (["cluster.device=tpu"], "choose cuda or cpu"),
+    (["+cluster.env.BAD-NAME=1"], "not a valid environment variable name"),
+    (["cluster.sbatch_args=[exclusive]"], "must be one long option"),
+    (["cluster.partition=two words"], "cluster.partition"),
+    (["cluster.master_port=80"], "cluster.master_port=80"),
+    (["stage=no_such_stage"], "no_such_stage"),
+])
+def test_what_would_fail_later_fails_now_and_says_what_to_change(overrides, message):
+    shards = [] if not overrides else [SHARDS]
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        stage_job(["stage=mini_test", *shards, *overrides])
+
+
+def test_status_needs_no_complete_config():
+    """Reading a stage's status must work without its shard paths."""
+    assert stage_job(["stage=mini_test"], strict=False).stage == "mini_test"
+
+
+@pytest.mark.parametrize("text, seconds", [("30", 1800), ("10:30", 630), ("48:00:00", 172800),
+                                           ("2-00", 172800), ("1-02:03", 93780), ("1-02:03:04", 93784)])
+def test_slurm_time_limits(text, seconds):
+    assert time_limit_s(text) == seconds
+

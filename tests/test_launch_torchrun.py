@@ -1,0 +1,95 @@
+"""torchrun command lines (one node, many nodes, the environment), and two torchrun agents on this host
+(`--nnodes=2`, c10d rendezvous on 127.0.0.1) started by `python -m launch torchrun` running the real
+trainer's mini stage."""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from launch.config import REQUEUE_MARGIN_S, stage_job
+from launch.torchrun import HANDLED_SIGNALS, Shell, shell_join, torchrun_argv, worker_env
+from slurm_cluster import job_env, launch, read_status, reference_run, shards
+
+__all__ = ["reference_run", "shards"]  # fixtures, imported for pytest
+
+SHARDS = "stage.data.shards='/data/{00000..00003}.tar'"
+
+
+def _job(*overrides: str):
+    return stage_job(["stage=mini_test", SHARDS, *overrides])
+
+
+def _opts(argv: list[str]) -> dict[str, str]:
+    return dict(w.split("=", 1) for w in argv if w.startswith("--") and "=" in w)
+
+
+def test_one_node_command():
+    job = _job("cluster.gpus_per_node=2", "cluster.max_restarts=2", "cluster.signal_grace_s=120")
+    argv = torchrun_argv(job, python="/venv/bin/python", nnodes=1, rdzv_endpoint="127.0.0.1:29400",
+                         rdzv_id=job.rdzv_id)
+    assert argv[:3] == ["/venv/bin/python", "-m", "torch.distributed.run"]
+    opts = _opts(argv)
+    assert opts["--nnodes"] == "1" and opts["--nproc-per-node"] == "2"
+    assert opts["--rdzv-backend"] == "c10d" and opts["--rdzv-endpoint"] == "127.0.0.1:29400"
+    assert opts["--max-restarts"] == "2"
+    assert "SIGUSR1" in opts["--signals-to-handle"].split(",")  # else the agent dies on SLURM's warning
+    assert opts["--shutdown-timeout"] == str(120 - REQUEUE_MARGIN_S)
+    # The trainer gets the user's overrides unchanged, and the run folder as an absolute path.
+    i = argv.index("train")
+    assert argv[i - 1] == "-m"
+    assert argv[i + 1:] == ["stage=mini_test", SHARDS, "cluster.gpus_per_node=2", "cluster.max_restarts=2",
+                            "cluster.signal_grace_s=120", f"run.dir={job.run_dir}"]
+    assert Path(job.run_dir).is_absolute()
+
+
+def test_many_nodes_share_one_rendezvous():
+    job = _job("cluster.nodes=4", "cluster.gpus_per_node=8", "cluster.device=cuda", "stage.global_batch=64",
+               "stage.micro_batch=2", "cluster.exec_prefix=[apptainer,exec,--nv,/img/sd.sif]")
+    argv = torchrun_argv(job, python="python", nnodes=4, rdzv_endpoint="10.0.0.1:29500", rdzv_id=job.rdzv_id,
+                         local_addr="10.0.0.7", module="tools.evaluate")
+    assert argv[:5] == ["apptainer", "exec", "--nv", "/img/sd.sif", "python"]
+    opts = _opts(argv)
+    assert (opts["--nnodes"], opts["--nproc-per-node"], opts["--local-addr"]) == ("4", "8", "10.0.0.7")
+    assert argv[argv.index("-m", 6) + 1] == "tools.evaluate"
+    # Every node computes the same rendezvous id from the same command.
+    assert job.rdzv_id == _job("cluster.nodes=4", "cluster.gpus_per_node=8", "cluster.device=cuda",
+                               "stage.global_batch=64", "stage.micro_batch=2",
+                               "cluster.exec_prefix=[apptainer,exec,--nv,/img/sd.sif]").rdzv_id
+
+
+def test_environment_defaults_and_cluster_env():
+    env = worker_env(_job("cluster.cpus_per_task=8", "cluster.gpus_per_node=2", "+cluster.env.NCCL_DEBUG=INFO"))
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # elastic restarts hang without it
+    assert env["OMP_NUM_THREADS"] == "4" and env["NCCL_DEBUG"] == "INFO"
+    assert worker_env(_job("+cluster.env.OMP_NUM_THREADS=1"))["OMP_NUM_THREADS"] == "1"
+
+
+def test_shell_words_quote_literals_and_expand_variables():
+    words = ["run.dir=/a b", "x='y'", Shell("--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT")]
+    text = shell_join(words)
+    assert shlex.split(text) == ["run.dir=/a b", "x='y'", "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT"]
+    assert text.endswith('"--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT"')
+
+
+def test_dry_run_prints_the_command(tmp_path):
+    out = launch(["torchrun", "--dry-run", "--master-port", "29999", "stage=mini_test", SHARDS,
+                  f"run.dir={tmp_path}/run"], job_env(tmp_path)).stdout
+    words = shlex.split(out)
+    assert words[0] == "env" and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in words
+    assert "--rdzv-endpoint=127.0.0.1:29999" in words and f"run.dir={tmp_path}/run" in words
+    assert not (tmp_path / "run").exists()
+
+
+def test_several_nodes_need_an_agreed_port(tmp_path):
+    with pytest.raises(AssertionError, match="--master-port"):
+        launch(["torchrun", "--dry-run", "stage=mini_test", SHARDS, "cluster.nodes=2"], job_env(tmp_path))
+
+
+def test_two_agents_on_one_host_train_the_mini_stage(reference_run):
+    """The session's reference run is exactly this: two `python -m launch torchrun` agents."""
+    status = read_status(reference_run)
+    assert status["state"] == "finished" and status["step"] == status["total_steps"] == 6
+    assert (reference_run / "export" / "model.ckpt").is_file()
+    assert (reference_run / "checkpoints" / "latest").read_text().strip() == "step-6"
