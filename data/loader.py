@@ -114,6 +114,15 @@ def _tokenizer():
     return CLIPTokenizer()
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    """SLURM sends SIGTERM to every process of a job it stops or requeues, loader workers included. A worker
+    that dies of it takes its rank down before the trainer can checkpoint; the trainer (their parent)
+    handles the signal and shuts the workers down itself."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if rank is not None and world_size is not None:
         return rank, world_size
@@ -238,7 +247,7 @@ class ShardLoader:
         cfg = self.config
         loader = DataLoader(_StreamDataset(self), batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
                             prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
-                            timeout=cfg.timeout_s if cfg.num_workers else 0)
+                            timeout=cfg.timeout_s if cfg.num_workers else 0, worker_init_fn=_ignore_sigterm)
         try:
             for batch in loader:
                 n, local, cursor, skips = batch.pop("_position")

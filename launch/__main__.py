@@ -19,6 +19,7 @@ from launch.config import ConfigError, StageJob, stage_job
 from launch.sbatch import render
 from launch.status import format_table, stage_rows
 from launch.torchrun import shell_join, torchrun_argv, worker_env
+from train.status import read_status
 
 
 def _python(job: StageJob) -> str:
@@ -53,8 +54,6 @@ def cmd_torchrun(args) -> int:
 
 def _submit_all(jobs: list[StageJob], args) -> int:
     """Plan (skip finished stages, never submit a queued one twice), then submit or, with --dry-run, print."""
-    from train.status import read_status
-
     can_ask_slurm = not args.dry_run or shutil.which("squeue")
     decisions = chain.plan(jobs, status_of=read_status,
                            active_of=slurm.active_job if can_ask_slurm else (lambda run_dir: None))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launch.config import REPO, StageJob
+from launch.config import REPO, ConfigError, StageJob
 from launch.torchrun import Shell, shell_join, torchrun_argv, worker_env
 
 REQUEUE_EXIT_CODE = 75  # the trainer's "requeue me"; also this script's exit when Slurm stops the job
@@ -132,7 +132,7 @@ def render(job: StageJob, *, python: str, module: str = "train", dependency: str
     c = job.cluster
     for path in (job.run_dir, log_dir(job), repo):
         if any(ch.isspace() for ch in str(path)):
-            raise ValueError(f"{path}: #SBATCH lines cannot hold paths with spaces; choose run.dir / "
+            raise ConfigError(f"{path}: #SBATCH lines cannot hold paths with spaces; choose run.dir / "
                              "cluster.log_dir without them")
     argv = torchrun_argv(job, python=python, nnodes=Shell("$SLURM_NNODES"),
                          rdzv_endpoint=Shell("$MASTER_ADDR:$MASTER_PORT"),
@@ -149,7 +149,7 @@ def render(job: StageJob, *, python: str, module: str = "train", dependency: str
             .replace("@TORCHRUN@", " \\\n        ".join(_word_groups(argv)))
             .replace("@SRUN_ARGS@", srun_args)
             .replace("@REQUEUE_EXIT@", str(REQUEUE_EXIT_CODE)))
-    header = [f"#!/bin/bash",
+    header = ["#!/bin/bash",
               f"# Stage {job.stage} on cluster={c.name}: {c.nodes} x {c.gpus_per_node} {c.device} processes.",
               "# Rendered by `python -m launch`; change the config and render again rather than editing."]
     return "\n".join(header + [f"#SBATCH {d}" for d in directives(job, dependency, repo)]) + "\n" + body

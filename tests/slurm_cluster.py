@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import pytest
 import torch
 
 from data.synth import write_synthetic_shards
+from train_helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CI_SLURM = REPO / ".ci" / "slurm"
@@ -42,12 +42,6 @@ def wait_for(check: Callable, timeout_s: float, what: str, details: Callable[[],
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{details()}")
         time.sleep(interval_s)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_status(run_dir: Path) -> dict | None:

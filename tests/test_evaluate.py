@@ -151,7 +151,7 @@ def test_metrics_match_independent_computations(setup, finished, tmp_path):
                                                   abs=1e-6)
 
 
-def test_any_image_is_regenerated_by_tools_sample(setup, finished, tmp_path):
+def test_any_image_is_regenerated_by_tools_sample(setup, finished, tmp_path, capsys):
     root, ckpt, _ = setup
     listed = json.loads((finished / "captions.json").read_text())
     c = listed[2]
@@ -162,6 +162,10 @@ def test_any_image_is_regenerated_by_tools_sample(setup, finished, tmp_path):
     original = _pixels(finished / "v1-x" / "scale_4" / "00002.png")
     # Same noise, same weights; batch 3 vs batch 1 may differ by float rounding, one level at most.
     assert np.abs(_pixels(again) - original).max() <= 1
+    with pytest.raises(SystemExit):  # 32 px: 4 latent pixels cannot pass the UNet's 3 downsamplings
+        sample.main([str(ckpt), "--prompt", "x", "--H", "32", "--W", "32", "--arch", "tiny", "--device", "cpu",
+                     "--out", str(tmp_path)])
+    assert "must be a multiple of 64" in capsys.readouterr().err
 
 
 def test_rerun_reuses_everything_and_other_settings_are_refused(setup, finished, monkeypatch, capsys):

@@ -3,6 +3,8 @@ previous one's export, afterok ordering, skipping finished stages and never subm
 twice (Slurm is replaced by callables here; test_launch_slurm.py runs a chain on a real one)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from launch.chain import (DEFAULT_STAGES, Decision, StageSpec, compose_chain, execute, parse_stages, plan,
@@ -122,3 +124,29 @@ def test_chain_dry_run_prints_every_script_with_its_dependency(tmp_path):
     assert "#SBATCH --dependency=afterok:<job of a>" in out and "#SBATCH --dependency=afterok:<job of b>" in out
     assert f"stage.init.from_checkpoint={tmp_path}/sd-repro/a/export" in out
     assert not (tmp_path / "sd-repro").exists()
+
+
+def test_submission_is_recorded_and_recognised_while_slurm_holds_it(tmp_path, monkeypatch):
+    """slurm.submit / active_job against stand-in sbatch and squeue (the real ones: test_launch_slurm.py)."""
+    from launch import slurm
+    from launch.sbatch import render
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text('#!/bin/bash\necho "$@" > "$(dirname "$0")/sbatch.args"\necho "77;ci"\n')
+    (fake / "squeue").write_text('#!/bin/bash\ncat "$(dirname "$0")/state"\n')
+    for name in ("sbatch", "squeue"):
+        (fake / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    job = _jobs(tmp_path)[1]
+    assert slurm.submit(job, render(job, python="python", dependency="76"), "76") == "77"
+    record = slurm.read_record(job.run_dir)
+    assert (record["job_id"], record["dependency"], record["log"]) == ("77", "76", f"{job.run_dir}/slurm/77.out")
+    assert (job.run_dir / "slurm" / "job-77.sbatch").read_text().count("--dependency=afterok:76") == 1
+    assert (fake / "sbatch.args").read_text().split() == ["--parsable", f"{job.run_dir}/slurm/job.sbatch.tmp"]
+    (fake / "state").write_text("PENDING Dependency\n")
+    assert slurm.job_state("77") == "PENDING (Dependency)" and slurm.active_job(job.run_dir) == "77"
+    (fake / "state").write_text("RUNNING None\n")
+    assert slurm.job_state("77") == "RUNNING" and slurm.active_job(job.run_dir) == "77"
+    (fake / "state").write_text("FAILED NonZeroExitCode\n")
+    assert slurm.active_job(job.run_dir) is None  # ended: the chain submits it again (it resumes)

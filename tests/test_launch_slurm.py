@@ -30,13 +30,28 @@ def _status_is(run_dir: Path, state: str):
     return status if status and status["state"] == state else None
 
 
+def _preempted(run_dir: Path, job_id: str) -> dict | None:
+    """The status once the interrupted run has checkpointed; fails at once if that run ended without."""
+    status = _status_is(run_dir, "preempted")
+    log = _log(run_dir, job_id)
+    if status or "[launch] srun exited" not in log:
+        return status
+    hint = ""
+    if "DataLoader worker" in log and "killed by signal: Terminated" in log:
+        # Slurm signals every process of a job; torch's loader workers exit on a SIGTERM that their
+        # parent did not send, and the rank dies with them before it can checkpoint.
+        hint = "\nthe data loader's worker processes must ignore SIGTERM (their parent stops them)"
+    raise AssertionError(f"the interrupted run ended without a pre-emption checkpoint: {read_status(run_dir)}"
+                         f"{hint}\n{log[-5000:]}")
+
+
 def _interrupt_and_finish(cluster: SlurmCluster, run_dir: Path, job_id: str, interrupt) -> dict:
     """Wait for training to be under way, interrupt it, check the pre-emption checkpoint, let the
     requeued job run, wait for the end. Returns the status at the interruption."""
     details = lambda: _log(run_dir, job_id)[-5000:]  # noqa: E731
     wait_for(lambda: (read_status(run_dir) or {}).get("step", 0) >= 1, JOB_TIMEOUT_S, "training under way", details)
     interrupt()
-    stopped = wait_for(lambda: _status_is(run_dir, "preempted"), 120,
+    stopped = wait_for(lambda: _preempted(run_dir, job_id), 120,
                        "state 'preempted' (the workers checkpoint on the signal, then exit 75)", details)
     assert 0 < stopped["step"] < stopped["total_steps"], stopped
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{stopped['step']}"

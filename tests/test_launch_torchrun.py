@@ -4,13 +4,18 @@ trainer's mini stage."""
 from __future__ import annotations
 
 import shlex
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from launch.config import REQUEUE_MARGIN_S, stage_job
 from launch.torchrun import HANDLED_SIGNALS, Shell, shell_join, torchrun_argv, worker_env
-from slurm_cluster import job_env, launch, read_status, reference_run, shards
+from slurm_cluster import (JOB_TIMEOUT_S, REPO, assert_same_weights, job_env, launch, read_status, reference_run,
+                           shards, unet_weights, wait_for)
 
 __all__ = ["reference_run", "shards"]  # fixtures, imported for pytest
 
@@ -93,3 +98,29 @@ def test_two_agents_on_one_host_train_the_mini_stage(reference_run):
     assert status["state"] == "finished" and status["step"] == status["total_steps"] == 6
     assert (reference_run / "export" / "model.ckpt").is_file()
     assert (reference_run / "checkpoints" / "latest").read_text().strip() == "step-6"
+
+
+def test_a_crashed_worker_restarts_the_group_from_the_last_checkpoint(shards, reference_run, tmp_path):
+    """`cluster.max_restarts`: kill -9 one worker after the step-3 checkpoint; torchrun restarts both
+    workers, which resume from `latest` and end exactly like the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    args = ["torchrun", "stage=mini_test", shards, "parallel.precision=fp32", "cluster.max_restarts=1",
+            f"run.dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "launch", *args], cwd=REPO, env=job_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        latest = run_dir / "checkpoints" / "latest"
+        wait_for(lambda: latest.is_file() and latest.read_text().strip() == "step-3", JOB_TIMEOUT_S,
+                 "the step-3 checkpoint", lambda: f"exit {proc.poll()}")
+        workers = psutil.Process(proc.pid).children()  # the launcher exec'd torchrun: these are its workers
+        assert len(workers) == 2
+        workers[1].send_signal(signal.SIGKILL)
+        out, _ = proc.communicate(timeout=JOB_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out[-5000:]
+    assert f"resumed from {run_dir}/checkpoints/step-3 at step 3" in out, out[-5000:]
+    assert read_status(run_dir)["state"] == "finished"
+    assert_same_weights(unet_weights(run_dir), unet_weights(reference_run))

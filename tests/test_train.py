@@ -127,14 +127,19 @@ def test_preemption_signal_checkpoints_and_asks_for_requeue(tmp_path, shards):
     assert status(run_dir)["state"] == "finished" and status(run_dir)["step"] == s["step"] + 2
 
 
-def test_nonfinite_loss_skips_the_update_then_aborts_after_k_in_a_row(tmp_path, shards):
+@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+def test_nonfinite_loss_skips_the_update(tmp_path, shards, backend):
     run_dir = tmp_path / "skip"
-    run_train(tmp_path, _overrides(shards, run_dir, "backend=ddp", "fault.nan_loss_at_steps=[2]"))
+    run_train(tmp_path, _overrides(shards, run_dir, f"backend={backend}", "fault.nan_loss_at_steps=[2]"))
     s = status(run_dir)
-    assert s["state"] == "finished"
+    assert s["state"] == "finished" and s["loss"] == s["loss"]  # finite at the end
     meta = json.loads((run_dir / "checkpoints" / "step-6" / "meta.json").read_text())
     assert meta["nonfinite_skipped"] == 1
+    weights = exported_unet(run_dir)
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
+
+def test_nonfinite_losses_in_a_row_abort_with_a_checkpoint(tmp_path, shards):
     run_dir = tmp_path / "abort"
     proc = run_train(tmp_path, _overrides(shards, run_dir, "backend=ddp", "fault.nan_loss_at_steps=[1,2,3,4]",
                                           "checkpoint.max_nonfinite_in_a_row=3"), expect=None)

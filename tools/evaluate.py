@@ -28,6 +28,10 @@ Metrics (tools/metrics): FID of the generated PNGs against the real images behin
 statistics are computed once per (images, size, Inception weights) and cached under --cache-dir, or
 given precomputed (pytorch-fid .npz) with --ref-stats. CLIP score: mean cosine of image and caption.
 
+Ranks (torchrun or any launcher setting RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; NCCL on CUDA, gloo on
+CPU) share the work of every scale and gather the features on rank 0; OUT and the COCO images must be on
+a filesystem all of them see.
+
 Resumable: every image is written atomically under OUT/<name>/scale_<s>/, and a run skips the images
 already there, so a killed evaluation continues where it stopped; finished (checkpoint, scale) metrics
 are kept in metrics.json next to them. OUT/eval.json pins the settings that decide the images: a run
@@ -60,7 +64,7 @@ from tools.metrics.clip_score import load_clip
 from tools.metrics.coco import Caption, draw_captions, reference_files
 from tools.metrics.features import image_features
 from tools.metrics.fid import FeatureStats, feature_statistics, frechet_distance
-from tools.metrics.inception import FEATURE_DIM, file_sha256, load_fid_inception
+from tools.metrics.inception import file_sha256, load_fid_inception
 from tools.sample import (SamplingConfig, add_sampling_args, load_sampling_models, resolve_checkpoint, sampling_config,
                           save_png, txt2img)
 from tools.sweep import (WandbConfig, add_wandb_args, image_grid, log_wandb, plot_fid_vs_clip, summarise,
@@ -258,12 +262,15 @@ def generate(cfg: EvalConfig, captions: list[Caption], d: Dist, device: str) -> 
         for s in cfg.scales:
             mine = missing[s][d.rank::d.world]
             _log(d, f"{name} scale {s:g}: {len(missing[s])} of {n} images to make ({d.world} ranks)")
-            for start in range(0, len(mine), cfg.batch_size):
+            starts = range(0, len(mine), cfg.batch_size)
+            for k, start in enumerate(starts):
                 batch = mine[start:start + cfg.batch_size]
                 images = txt2img(models, [captions[i].caption for i in batch], [cfg.seed + i for i in batch],
                                  cfg.sampling, scale=s)
                 for i, image in zip(batch, images):
                     save_png(image_path(dirs[s], i), image.numpy())
+                if (k + 1) % max(1, len(starts) // 10) == 0 and k + 1 < len(starts):
+                    _log(d, f"{name} scale {s:g}: rank 0 made {start + len(batch)} of its {len(mine)}")
         del models
         gc.collect()
         if torch.cuda.is_available():
@@ -298,7 +305,8 @@ def reference_statistics(cfg: EvalConfig, captions: list[Caption], inception, in
            "preprocess": "RGB, centre square, PIL bicubic to size, uint8; pytorch-fid: /255, bilinear 299, 2x-1"}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     cache = (cfg.cache_dir or default_cache_dir()) / f"coco_ref_{len(files)}_{size}px_{digest}.npz"
-    if cache.is_file():
+    # Rank 0 decides: a cache on a node-local disk must not send the ranks down different paths.
+    if d.broadcast(cache.is_file() if d.rank == 0 else None):
         _log(d, f"reference statistics: {cache} (cached)")
         return FeatureStats.load(cache) if d.rank == 0 else None
     _log(d, f"reference statistics of {len(files)} real images -> {cache}")
@@ -340,7 +348,7 @@ def measure(cfg: EvalConfig, captions: list[Caption], d: Dist, device: str) -> N
     todo = d.broadcast(todo_list() if d.rank == 0 else None)
     if not todo:
         return
-    inception, _ = load_fid_inception(cfg.inception, device)
+    inception, _ = load_fid_inception(cfg.inception, device, sha256=inception_sha)
     clip = load_clip(cfg.clip, cfg.clip_arch, cfg.clip_quick_gelu, device)
     reference = reference_statistics(cfg, captions, inception, inception_sha, d, cfg.metric_batch_size)
     n = cfg.num_prompts

@@ -157,9 +157,11 @@ def sample_latents(models: SamplingModels, prompts: Sequence[str], seeds: Sequen
     """Final latents [B, 4, H/8, W/8] (float32), one per (prompt, seed). `scale` overrides cfg.scale."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    f = latent_factor(models.vae)
+    # The latents pass the UNet's len(channel_mult) - 1 downsamplings and come back to the skip connections.
+    f = latent_factor(models.vae) * 2 ** (len(models.unet.cfg.channel_mult) - 1)
     if cfg.height % f or cfg.width % f:
-        raise ValueError(f"image size {cfg.height}x{cfg.width} must be a multiple of the VAE factor {f}")
+        raise ValueError(f"image size {cfg.height}x{cfg.width} must be a multiple of {f} (first stage x UNet levels)")
+    f = latent_factor(models.vae)
     cond = encode_prompts(models.tokenizer, models.text_encoder, list(prompts))
     generators = seeded_generators(seeds)
     x = initial_noise(generators, (models.unet.cfg.in_channels, cfg.height // f, cfg.width // f), models.device)
@@ -251,16 +253,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.n_samples < 1 or args.batch_size < 1:
         parser.error("--n-samples and --batch-size must be >= 1")
 
-    models = load_sampling_models(args.checkpoint, args.arch, args.ema, args.device)
-    print(f"UNet: {models.weights}", file=sys.stderr)
-    jobs = [(p, args.seed + k) for k, p in enumerate(p for p in args.prompt for _ in range(args.n_samples))]
-    for start in range(0, len(jobs), args.batch_size):
-        batch = jobs[start:start + args.batch_size]
-        images = txt2img(models, [p for p, _ in batch], [s for _, s in batch], cfg)
-        for (prompt, seed), image in zip(batch, images):
-            path = args.out / f"{seed:08d}-{_slug(prompt)}.png"
-            save_png(path, image.numpy())
-            print(path)
+    try:
+        models = load_sampling_models(args.checkpoint, args.arch, args.ema, args.device)
+        print(f"UNet: {models.weights}", file=sys.stderr)
+        jobs = [(p, args.seed + k) for k, p in enumerate(p for p in args.prompt for _ in range(args.n_samples))]
+        for start in range(0, len(jobs), args.batch_size):
+            batch = jobs[start:start + args.batch_size]
+            images = txt2img(models, [p for p, _ in batch], [s for _, s in batch], cfg)
+            for (prompt, seed), image in zip(batch, images):
+                path = args.out / f"{seed:08d}-{_slug(prompt)}.png"
+                save_png(path, image.numpy())
+                print(path)
+    except (ValueError, FileNotFoundError) as err:  # wrong inputs: say what, without a traceback
+        parser.error(str(err))
     return 0
 
 

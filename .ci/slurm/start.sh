@@ -70,6 +70,9 @@ SlurmdParameters=config_overrides
 InactiveLimit=0
 KillWait=30
 MinJobAge=600
+# Job ids (and so the default rendezvous port, 20000 + id % 20000) differ between clusters on one host.
+FirstJobId=$(( 1000 + RANDOM % 18000 ))
+MailProg=/bin/true
 NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=$n1_port CPUs=2 State=UNKNOWN
 NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=$n2_port CPUs=2 State=UNKNOWN
 PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP

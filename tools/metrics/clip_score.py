@@ -17,6 +17,7 @@ tokenizer (77 tokens, longer captions truncated).
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,8 +49,10 @@ def read_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = load_file(str(path))
     elif _is_torchscript(path):
         # TorchScript is loaded by torch's own interpreter; only its weights are kept.
-        state = {k: v for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()
-                 if k not in _OPENAI_EXTRA_KEYS}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, OpenAI's file is what it is
+            scripted = torch.jit.load(str(path), map_location="cpu")
+        state = {k: v for k, v in scripted.state_dict().items() if k not in _OPENAI_EXTRA_KEYS}
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:

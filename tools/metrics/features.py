@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .clip_score import CLIPScorer
 from .coco import center_crop_resize
-from .inception import FIDInceptionV3
+from .inception import FEATURE_DIM, FIDInceptionV3
 
 
 class ImageFiles(Dataset):
@@ -52,7 +52,7 @@ def image_features(paths: Sequence[str | os.PathLike], inception: FIDInceptionV3
         done += len(pixels)
     out: dict[str, np.ndarray] = {}
     if inception is not None:
-        out["inception"] = torch.cat(feats).numpy() if feats else np.zeros((0, 2048), np.float32)
+        out["inception"] = torch.cat(feats).numpy() if feats else np.zeros((0, FEATURE_DIM), np.float32)
     if clip is not None:
         out["clip"] = torch.cat(scores).numpy() if scores else np.zeros(0, np.float64)
     return out

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
@@ -14,7 +13,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 def save(path: Path, model, optimizer, scheduler) -> None:
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd, "scheduler": scheduler.state_dict()}
-    dcp.save(state, checkpoint_id=str(path), process_group=None if dist.is_initialized() else None)
+    dcp.save(state, checkpoint_id=str(path))
 
 
 def load(path: Path, model, optimizer, scheduler) -> None:

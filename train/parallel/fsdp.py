@@ -2,17 +2,16 @@
 fp32 gradient reduction; the sharded fp32 parameters stay the optimiser's master copy."""
 from __future__ import annotations
 
-from pathlib import Path
+import contextlib
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from train.lr import build_scheduler
-
 from . import dcp_io
-from .base import Engine, build_optimizer, compile_blocks
+from .base import compile_blocks
+from .torch_engine import TorchEngine
 
 
 def parallelize_unet(unet, device_type: str, world_size: int, param_dtype: torch.dtype,
@@ -29,7 +28,7 @@ def parallelize_unet(unet, device_type: str, world_size: int, param_dtype: torch
     return unet
 
 
-class FSDPEngine(Engine):
+class FSDPEngine(TorchEngine):
     def __init__(self, cfg, unet, env, accumulation: int, lr_offset: int = 0):
         super().__init__(cfg, env, accumulation)
         if not torch.distributed.is_initialized():
@@ -38,40 +37,14 @@ class FSDPEngine(Engine):
         unet.to(env.device)
         self.module = self.unet = parallelize_unet(unet, env.device.type, env.world_size, self.dtype,
                                                    cfg.parallel.reshard_after_forward, cfg.parallel.compile)
-        self.optimizer = build_optimizer(unet.parameters(), cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim.warmup_steps, cfg.optim.warmup_start, lr_offset)
-        self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.dtype == torch.float16)
+        self._setup_optimizer(lr_offset)
 
     def autocast(self):
-        import contextlib
-
         return contextlib.nullcontext()  # FSDP2 casts parameters and the root's inputs itself
 
-    def backward(self, loss, last_micro_batch):
-        # Reduce-scatter only once per optimiser step.
-        self.unet.set_requires_gradient_sync(last_micro_batch)
-        self.scaler.scale(loss / self.accumulation).backward()
-
-    def step(self):
-        self.scaler.unscale_(self.optimizer)
-        norm = self.clip(self.unet.parameters())
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
-
-    def skip_step(self):
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def named_trainable(self):
-        return dict(self.unet.named_parameters())
-
-    def save(self, path: Path):
-        dcp_io.save(path, self.unet, self.optimizer, self.scheduler)
-
-    def load(self, path: Path):
-        dcp_io.load(path, self.unet, self.optimizer, self.scheduler)
+    def _gradient_sync(self, enabled):
+        self.unet.set_requires_gradient_sync(enabled)  # reduce-scatter once per optimiser step
+        return contextlib.nullcontext()
 
     def full_state_dict(self):
         return dcp_io.full_model_state(self.unet, self.env.is_main)

@@ -1,0 +1,50 @@
+"""What DDP and FSDP2 share: torch's AdamW and GradScaler on the wrapped module's parameters, and
+model + optimiser + LR schedule through torch.distributed.checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from train.lr import build_scheduler
+
+from . import dcp_io
+from .base import Engine, build_optimizer
+
+
+class TorchEngine(Engine):
+    def _setup_optimizer(self, lr_offset: int) -> None:
+        self.optimizer = build_optimizer(self.unet.parameters(), self.cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim.warmup_steps, self.cfg.optim.warmup_start,
+                                         lr_offset)
+        # Loss scaling only for fp16; bf16 and fp32 need none.
+        self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.dtype == torch.float16)
+
+    def _gradient_sync(self, enabled: bool):
+        """A context in which backward reduces gradients across ranks only when `enabled`."""
+        raise NotImplementedError
+
+    def backward(self, loss, last_micro_batch):
+        with self._gradient_sync(last_micro_batch):
+            self.scaler.scale(loss / self.accumulation).backward()
+
+    def step(self):
+        self.scaler.unscale_(self.optimizer)
+        norm = self.clip(self.unet.parameters())
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def skip_step(self):
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def named_trainable(self):
+        return dict(self.unet.named_parameters())
+
+    def save(self, path: Path):
+        dcp_io.save(path, self.unet, self.optimizer, self.scheduler)
+
+    def load(self, path: Path):
+        dcp_io.load(path, self.unet, self.optimizer, self.scheduler)
