@@ -145,8 +145,12 @@ def tiny() -> SDConfig:
 
 
 def mini() -> SDConfig:
-    """tiny() with the pixel-space first stage: the embedded miniature reproduction."""
-    return replace(tiny(), first_stage="pixel")
+    """tiny() with the pixel-space first stage and 2 attention heads: the embedded miniature reproduction.
+
+    At width 32, SD's 8 heads would be 4 channels each, too narrow for cross-attention to pick the
+    colour word out of the caption within a few hundred steps; 2 heads give 16/32/64."""
+    base = tiny()
+    return replace(base, first_stage="pixel", unet=replace(base.unet, num_heads=2))
 
 
 def with_overrides(cfg: SDConfig, **parts) -> SDConfig:

@@ -181,3 +181,23 @@ def test_wandb_offline_records_the_logged_losses_and_samples(tmp_path, shards):
     assert sample_steps == [3, 6]
     assert records.config["stage"]["name"] == "mini_test"
     assert records.summary["steps"] == 6
+
+
+def test_short_run_follows_the_golden_loss_curve(tmp_path):
+    """The first two log windows of the embedded default (`./repro train`) against its recorded curve.
+
+    tests/assets/golden_mini_loss.json is the whole curve of `python -m train.mini` (step, loss, stage),
+    written from runs/mini/report.json; a change that moves it must re-record it, on purpose."""
+    from train.mini import RUN_NAME, write_data
+    from train.wandb_records import read_run
+
+    golden = json.loads((REPO / "tests" / "assets" / "golden_mini_loss.json").read_text())
+    expected = {step: loss for step, loss, stage in golden["loss"] if stage == "mini_v1-1_256" and step <= 20}
+    assert sorted(expected) == [10, 20]
+    write_data(tmp_path / RUN_NAME / "data")
+    run_train(tmp_path, ["stage=mini_v1-1_256", f"run.root={tmp_path}", "stage.steps=20", f"backend={golden['backend']}",
+                         "tracking.wandb_mode=offline"])
+    (wandb_file,) = (tmp_path / RUN_NAME / "mini_v1-1_256" / "wandb").glob("offline-run-*/run-*.wandb")
+    got = {row["_step"]: row["train/loss"] for row in read_run(wandb_file).history if "train/loss" in row}
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-4), (step, got[step], loss)
