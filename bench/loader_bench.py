@@ -98,6 +98,32 @@ def ours_loader(urls: list[str], resolution: int, workers: int):
                                     shards_per_group=2, shuffle_buffer=64))
 
 
+def write_latent_shards(out: Path, num_samples: int, latent: int, per_shard: int = 64) -> list[str]:
+    """Precomputed-latent shards as `python -m data precompute` writes them (posterior mean and std, float16,
+    plus the 77x768 text embedding and CLIP("") per shard), filled with random numbers."""
+    from data.latent_format import LatentShardWriter
+
+    rng = np.random.default_rng(0)
+    uncond = rng.standard_normal((77, 768), dtype=np.float32)
+    urls = []
+    for shard in range(0, num_samples, per_shard):
+        path = out / f"latents-{latent}-{shard // per_shard:05d}.tar"
+        with LatentShardWriter(path, uncond_context=uncond) as writer:
+            for i in range(shard, min(shard + per_shard, num_samples)):
+                writer.write(f"{i:09d}", rng.standard_normal((4, latent, latent), dtype=np.float32),
+                             np.abs(rng.standard_normal((4, latent, latent), dtype=np.float32)) * 0.1,
+                             f"caption {i}", {"key": f"{i:09d}"}, context=rng.standard_normal((77, 768), dtype=np.float32))
+        urls.append(str(path))
+    return urls
+
+
+def latent_samples_per_s(urls: list[str], latent: int, workers: int, batches: int) -> float:
+    loader = ShardLoader(LoaderConfig(shards=tuple(urls), resolution=latent * 8, batch_size=BATCH, num_workers=workers,
+                                      shards_per_group=2, shuffle_buffer=64, latents=True, context=True,
+                                      caption_dropout=0.1))
+    return images_per_s(loader, batches)
+
+
 def images_per_s(loader, batches: int) -> float:
     it = iter(loader)
     next(it)  # worker start, tokenizer, first shard open: not what is measured
@@ -115,6 +141,7 @@ def main() -> None:
     parser.add_argument("--resolutions", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--latent-samples", type=int, default=256)
     parser.add_argument("--out", type=Path, default=None, help="where to write the shards (default: a temp dir)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -131,6 +158,13 @@ def main() -> None:
                     best["ours"] = max(best["ours"], images_per_s(ours_loader(urls, resolution, workers), batches))
                 print(f"workers={workers} res={resolution}: ours {best['ours']:.1f} img/s, "
                       f"webdataset+PIL {best['baseline']:.1f} img/s, ratio {best['ours'] / best['baseline']:.2f}x", flush=True)
+        # Precomputed latents (+ text embeddings): what the GPU step reads when the VAE is not run online.
+        for latent in (32, 64):
+            latent_urls = write_latent_shards(args.out or Path(tmp), args.latent_samples, latent)
+            for workers in args.workers:
+                rate = max(latent_samples_per_s(latent_urls, latent, workers, args.latent_samples // BATCH)
+                           for _ in range(args.repeats))
+                print(f"workers={workers} latents {latent}x{latent} + context: {rate:.0f} samples/s", flush=True)
 
 
 if __name__ == "__main__":

@@ -38,21 +38,12 @@ def write_data(data_dir: Path) -> None:
     write_synthetic_shards(data_dir, num_shards=8, samples_per_shard=128, image_size=128, seed=0)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_stage(stage: str, root: Path, procs: int, backend: str, extra: list[str]) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={procs}",
-           f"--master-port={_free_port()}", "-m", "train", f"stage={stage}", f"run.root={root}",
+    """Through `python -m launch torchrun`, the launcher users run (cluster=local: N CPU processes, gloo)."""
+    cmd = [sys.executable, "-m", "launch", "torchrun", f"stage={stage}", f"run.root={root}", "cluster=local",
            f"cluster.gpus_per_node={procs}", f"backend={backend}", *extra]
-    print(f"\n=== {stage}: {' '.join(cmd[3:])}", flush=True)
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    code = subprocess.call(cmd, env=env)
+    print(f"\n=== {stage}: {' '.join(cmd[1:])}", flush=True)
+    code = subprocess.call(cmd)
     if code != 0:
         raise SystemExit(f"{stage} failed (exit {code}); fix the cause and re-run: finished stages are kept")
 
