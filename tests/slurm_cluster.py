@@ -31,6 +31,9 @@ CI_SLURM = REPO / ".ci" / "slurm"
 JOB_TIMEOUT_S = 300  # one mini Slurm job takes ~40 s here; generous for a loaded 2-core machine
 
 
+CRED_EXPIRE_S = 10  # AuthInfo=cred_expire in .ci/slurm/start.sh
+
+
 def wait_for(check: Callable, timeout_s: float, what: str, details: Callable[[], str] = lambda: "",
              interval_s: float = 0.2):
     """Poll `check()` until it returns something truthy (returned), at most `timeout_s`."""
@@ -144,10 +147,14 @@ class SlurmCluster:
         return dict(item.split("=", 1) for item in text.split() if "=" in item)
 
     def release_requeued(self, job_id: str) -> None:
-        """A requeued job waits ~2 min (BeginTime); start it now, once it is pending again."""
+        """A requeued job waits ~2 min (BeginTime) by default; start it as soon as the nodes allow.
+
+        The nodes refuse to launch it while they still hold its revoked credential ("Job credential
+        revoked", and the job ends): that lasts cred_expire seconds (10 in .ci/slurm/start.sh), so
+        the start time is set just past it."""
         wait_for(lambda: self.job(job_id).get("JobState") == "PENDING", 120, f"job {job_id} to be pending again",
                  lambda: str(self.job(job_id)))
-        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        self.run("scontrol", "update", f"JobId={job_id}", f"StartTime=now+{CRED_EXPIRE_S + 5}")
 
     def cancel(self, job_id: str) -> None:
         self.run("scancel", job_id, check=False)

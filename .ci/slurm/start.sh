@@ -44,7 +44,9 @@ SlurmctldPort=$ctld_port
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$socket
+# cred_expire: how long a revoked job credential blocks the job id on the nodes, which is how long a
+# requeued job must wait before it can start again (default 120 s). Short here, so tests need not wait.
+AuthInfo=socket=$socket,cred_expire=10
 CredType=cred/munge
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool/%n
