@@ -20,7 +20,8 @@ def free_port() -> int:
 
 
 def train_env(tmp: Path) -> dict:
-    env = dict(os.environ)
+    # Not the test runner's own wandb service (set once a test used wandb in-process): each run has its own.
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
     env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
                 "WANDB_DIR": str(tmp), "TMPDIR": str(tmp), "XDG_CACHE_HOME": str(tmp / "cache"),
                 "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "HF_HUB_OFFLINE": "1"})

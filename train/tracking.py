@@ -61,6 +61,10 @@ class Tracker:
         # dir with only a warning (hidden by WANDB_SILENT).
         run_dir.mkdir(parents=True, exist_ok=True)
         run_name, stage = _names(config)
+        # wandb tells child processes about its service through WANDB_SERVICE. A trainer started from a
+        # process that used wandb itself (a test runner, a notebook, a sweep driver) inherits it and
+        # fails to connect once that process has torn its service down: start our own instead.
+        os.environ.pop("WANDB_SERVICE", None)
         self._run = wandb.init(
             project=cfg.project,
             entity=cfg.entity,
