@@ -2,6 +2,7 @@
 model + optimiser + LR schedule through torch.distributed.checkpoint."""
 from __future__ import annotations
 
+from abc import abstractmethod
 from pathlib import Path
 
 import torch
@@ -20,9 +21,9 @@ class TorchEngine(Engine):
         # Loss scaling only for fp16; bf16 and fp32 need none.
         self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.dtype == torch.float16)
 
+    @abstractmethod
     def _gradient_sync(self, enabled: bool):
         """A context in which backward reduces gradients across ranks only when `enabled`."""
-        raise NotImplementedError
 
     def backward(self, loss, last_micro_batch):
         with self._gradient_sync(last_micro_batch):
