@@ -5,7 +5,6 @@ Inception wrapper with the same weights and a nuclear-norm trace; open_clip used
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from train_helpers import free_port
 from PIL import Image
 
 from models.configs import tiny
@@ -217,12 +218,6 @@ def test_killed_run_continues_where_it_stopped(setup, finished, monkeypatch):
         first["clip_score"], abs=1e-3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_split_the_missing_images_and_gather_the_metrics(setup, finished):
     """Two real processes (torch.distributed, gloo) resume a sweep with three images of one scale gone."""
     root, ckpt, captions = setup
@@ -233,7 +228,7 @@ def test_two_ranks_split_the_missing_images_and_gather_the_metrics(setup, finish
         (folder / f"{i:05d}.png").unlink()
     (folder / "metrics.json").unlink()
     kept = {p: t for p, t in _mtimes(out).items() if "scale_1.5" in str(p) or p.name == "00000.png"}
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
