@@ -1,0 +1,141 @@
+"""tools/plan_cost.py: the plan's arithmetic against numbers worked out by hand (the issue's image counts,
+the MosaicML preset's hours), the inverse round trip, the command line and its refusals."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools import plan_cost
+from tools.plan_cost import FlopsModel, Hardware, PlanError, Stage
+
+REPO = Path(__file__).resolve().parents[1]
+A100_PEAK = 312e12  # dense bf16, FLOP/s
+CLUSTER_32X8 = Hardware(gpu="A100", dtype="bf16", nodes=32, gpus_per_node=8)
+# The issue's plan: 237k steps x 2048 at 256; (194k + 515k + 195k) x 2048 at 512.
+IMAGES_256 = 237_000 * 2048
+IMAGES_512 = (194_000 + 515_000 + 195_000) * 2048
+
+
+@pytest.fixture(scope="module")
+def sd_v1_plan() -> list[Stage]:
+    return plan_cost.stages_from_configs(plan_cost.SD_V1_STAGES)
+
+
+def test_default_plan_comes_from_the_stage_configs(sd_v1_plan):
+    assert [(s.name, s.steps, s.global_batch, s.resolution) for s in sd_v1_plan] == [
+        ("v1-1_256", 237_000, 2048, 256), ("v1-1_512", 194_000, 2048, 512),
+        ("v1-2", 515_000, 2048, 512), ("v1-3", 195_000, 2048, 512)]
+    report = plan_cost.plan_cost(sd_v1_plan, CLUSTER_32X8, None)
+    by_res = {t.resolution: t.images for t in report.by_resolution}
+    assert by_res == {256: IMAGES_256, 512: IMAGES_512}
+    # The issue's rounded figures: 485M images at 256, 1.85B at 512.
+    assert round(by_res[256] / 1e6) == 485 and round(by_res[512] / 1e7) == 185
+
+
+def test_gpu_hours_on_a_small_plan_by_hand():
+    stages = [Stage("a", steps=100, global_batch=64, resolution=256),
+              Stage("b", steps=50, global_batch=32, resolution=512)]
+    hw = Hardware(gpu="A100", dtype="bf16", nodes=2, gpus_per_node=4)
+    report = plan_cost.plan_cost(stages, hw, {256: 16.0, 512: 4.0}, budget_gpu_hours=1.0)
+    a, b = report.stages
+    # a: 6,400 images / 16 img/s = 400 GPU-seconds; b: 1,600 / 4 = 400 GPU-seconds.
+    assert (a.images, b.images) == (6400, 1600)
+    assert a.gpu_hours == pytest.approx(400 / 3600) and b.gpu_hours == pytest.approx(400 / 3600)
+    assert report.total_gpu_hours == pytest.approx(800 / 3600)
+    assert report.total_wall_hours == pytest.approx(800 / 3600 / 8)
+    # MFU = img/s x FLOPs per image / peak, with the FLOPs the trainer uses (UNet fwd + bwd).
+    assert a.mfu == pytest.approx(16.0 * a.flops_per_image / A100_PEAK)
+    assert b.mfu == pytest.approx(4.0 * b.flops_per_image / A100_PEAK)
+    assert report.budget.meets_budget and report.budget.plan_to_budget == pytest.approx(800 / 3600)
+
+
+def test_flops_per_image_match_the_issue():
+    """UNet fwd+bwd ~537 / 2,407 GFLOP (train/flops.py); VAE encode 273 / 1,117; text encoder 13."""
+    assert FlopsModel().per_image(256) == pytest.approx(537e9, rel=0.01)
+    assert FlopsModel().per_image(512) == pytest.approx(2407e9, rel=0.01)
+    assert plan_cost.vae_encode_flops_per_image(256) == pytest.approx(273e9, rel=0.005)
+    assert plan_cost.vae_encode_flops_per_image(512) == pytest.approx(1117e9, rel=0.005)
+    assert plan_cost.text_encode_flops_per_caption() == pytest.approx(13e9, rel=0.05)
+    online = FlopsModel(vae_encode=True, text_encode=True).per_image(512)
+    assert online == pytest.approx(FlopsModel().per_image(512) + plan_cost.vae_encode_flops_per_image(512)
+                                   + plan_cost.text_encode_flops_per_caption())
+
+
+def test_required_throughput_round_trips(sd_v1_plan):
+    budget = 10_000.0
+    needed = plan_cost.plan_cost(sd_v1_plan, CLUSTER_32X8, None, budget_gpu_hours=budget).budget
+    # Independently: required MFU = total FLOPs / (budget seconds x peak).
+    f256, f512 = FlopsModel().per_image(256), FlopsModel().per_image(512)
+    assert needed.required_mfu == pytest.approx((IMAGES_256 * f256 + IMAGES_512 * f512) / (budget * 3600 * A100_PEAK))
+    # Running at the required throughput spends exactly the budget, at that MFU everywhere.
+    again = plan_cost.plan_cost(sd_v1_plan, CLUSTER_32X8, needed.required_img_per_s, budget_gpu_hours=budget)
+    assert again.total_gpu_hours == pytest.approx(budget)
+    assert all(c.mfu == pytest.approx(needed.required_mfu) for c in again.stages)
+    assert again.budget.meets_budget is not None and again.budget.plan_to_budget == pytest.approx(1.0)
+    assert needed.wall_hours_at_budget == pytest.approx(budget / 256)
+
+
+def test_mosaicml_preset_hours(sd_v1_plan):
+    preset = plan_cost.THROUGHPUT_PRESETS["mosaicml-a100"]
+    report = plan_cost.plan_cost(sd_v1_plan, CLUSTER_32X8, preset.img_per_s)
+    by_hand_s = 485_376_000 / 137.5 + 1_851_392_000 / 36.3
+    assert report.total_gpu_hours == pytest.approx(by_hand_s / 3600, rel=1e-12)
+    assert report.total_wall_hours == pytest.approx(by_hand_s / 3600 / 256, rel=1e-12)
+    assert report.budget.meets_budget is False  # ~15,150 A100-hours against the 10,000 goal
+
+
+def test_cli_prints_the_table_and_the_total(capsys):
+    assert plan_cost.main(["--throughput", "mosaicml-a100", "--gpu", "A100", "--nodes", "32",
+                           "--gpus-per-node", "8"]) == 0
+    out = capsys.readouterr().out
+    total = next(line for line in out.splitlines() if line.startswith("total"))
+    hours = (485_376_000 / 137.5 + 1_851_392_000 / 36.3) / 3600
+    assert f"{hours:,.0f}" in total and "2.337B" in total
+    assert "NOT MET" in out and "MFU 42.1%" in out
+
+
+def test_cli_json_and_custom_plan(capsys):
+    assert plan_cost.main(["--plan", "a:100:64:256,b:50:32:512", "--img-per-s", "256=16,512=4",
+                           "--nodes", "2", "--gpus-per-node", "4", "--budget-gpu-hours", "1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["total_gpu_hours"] == pytest.approx(800 / 3600)
+    assert data["hardware"]["world_size"] == 8 and data["budget"]["meets_budget"] is True
+    assert set(data["budget"]["required_img_per_s"]) == {"256", "512"}
+
+
+def test_runs_as_a_module():
+    proc = subprocess.run([sys.executable, "-m", "tools.plan_cost", "--budget-gpu-hours", "10000"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "budget 10,000 A100-hours" in proc.stdout and "MFU 42.1%" in proc.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpu", "B200"], "unknown GPU 'B200': choose one of A100"),
+    (["--img-per-s", "256=137.5"], "no throughput for resolution 512 (stages v1-1_512, v1-2, v1-3)"),
+    (["--img-per-s", "256:137.5"], "write RESOLUTION=IMAGES_PER_S"),
+    (["--img-per-s", "256=0,512=1"], "must be positive"),
+    (["--throughput", "nope"], "choose one of mosaicml-a100"),
+    (["--throughput", "mosaicml-a100", "--gpu", "H100"], "measured on A100, not H100"),
+    (["--throughput", "mosaicml-a100", "--img-per-s", "256=1"], "not both"),
+    (["--plan", "a:10:8:100"], "multiple of 64"),
+    (["--plan", "a:10:8"], "name:steps:global_batch:resolution"),
+    (["--stages", "v1-9"], "Could not find 'stage/v1-9'"),
+    (["--gpu", "V100", "--dtype", "bf16"], "no bf16"),
+    (["--nodes", "0"], "must be >= 1"),
+    (["--budget-gpu-hours", "0"], "must be positive"),
+])
+def test_bad_input_is_refused_with_a_reason(argv, message, capsys):
+    assert plan_cost.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_api_raises_plan_error(sd_v1_plan):
+    with pytest.raises(PlanError, match="no throughput for resolution 512"):
+        plan_cost.plan_cost(sd_v1_plan, CLUSTER_32X8, {256: 137.5})
+    with pytest.raises(PlanError, match="unknown GPU"):
+        plan_cost.plan_cost(sd_v1_plan, Hardware("TPU", "bf16", 1, 1), {256: 1.0, 512: 1.0})
