@@ -11,6 +11,7 @@ times 3 for forward + backward (the convention MosaicML and the issue tracker us
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -26,6 +27,7 @@ from models import configs  # noqa: E402
 from models.adapters import diffusers_unet  # noqa: E402
 from models.unet import UNetModel  # noqa: E402
 from train.flops import peak_tflops, unet_train_flops_per_image  # noqa: E402
+from train.parallel.base import compile_blocks  # noqa: E402
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Result:
     status: str = "ok"
 
 
-def build(impl: str, cfg: configs.UNetConfig, device: str, channels_last: bool, compile_: bool, ac: bool):
+def build(impl: str, cfg: configs.UNetConfig, device: str, channels_last: bool, compile_: bool, ac: str):
     torch.manual_seed(0)
     if impl in ("ours", "ours-whole"):
         with torch.device(device):  # initialise on the device: a CPU init of 860M parameters takes seconds
@@ -55,23 +57,25 @@ def build(impl: str, cfg: configs.UNetConfig, device: str, channels_last: bool, 
         if compile_ and impl == "ours-whole":
             model.compile(dynamic=False)  # one graph for the whole UNet, still in place
         elif compile_:
-            # Per block, in place: parameter names keep no `_orig_mod.` prefix. All blocks share one
-            # forward code object, so each distinct shape is one more cache entry: raise dynamo's limit and
-            # keep shapes static (a guessed dynamic shape made inductor fail on CPU).
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            for block in [*model.input_blocks, model.middle_block, *model.output_blocks]:
-                block.compile(dynamic=False)
+            compile_blocks(model)  # what the trainer does with parallel.compile=true
     else:
         from diffusers import UNet2DConditionModel
 
         conf = {k: v for k, v in diffusers_unet.diffusers_config(cfg).items() if not k.startswith("_")}
         with torch.device(device):
             model = UNet2DConditionModel(**conf)
-        if ac:
+        if ac == "full":
             model.enable_gradient_checkpointing()
+        elif ac != "none":
+            raise ValueError(f"diffusers has no {ac!r} activation checkpointing")
         forward = lambda x, t, c: model(x, t, encoder_hidden_states=c, return_dict=False)[0]  # noqa: E731
-        if compile_:
-            model.compile()
+        if compile_ and impl == "diffusers-whole":
+            model.compile(dynamic=False)
+        elif compile_:
+            # Per block, in place, like ours: the whole-model graph took > 170 s to compile on an H200.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            for block in [*model.down_blocks, model.mid_block, *model.up_blocks]:
+                block.compile(dynamic=False)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
@@ -81,7 +85,7 @@ def build(impl: str, cfg: configs.UNetConfig, device: str, channels_last: bool, 
 def measure(res: Result, cfg: configs.UNetConfig, device: str, steps: int, warmup: int, flops_per_img: float,
             peak: float | None) -> Result:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[res.dtype]
-    model, forward = build(res.impl, cfg, device, res.channels_last, res.compile, res.ac != "none")
+    model, forward = build(res.impl, cfg, device, res.channels_last, res.compile, res.ac)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01,
                             **({"fused": True} if device == "cuda" else {}))
     gen = torch.Generator(device).manual_seed(0)
@@ -126,8 +130,11 @@ def table(results: list[Result]) -> str:
     head = ("| impl | arch | latent | batch | dtype | compile | ch-last | AC | ms/step | img/s | TFLOP/s | MFU "
             "| peak GiB | time ours/diffusers / speedup | status |")
     lines = [head, "|" + "---|" * 15]
-    base = {(r.arch, r.latent, r.batch, r.dtype, r.compile, r.channels_last, r.ac): r.img_per_s
-            for r in results if r.impl == "diffusers" and r.status == "ok"}
+    base: dict[tuple, float] = {}  # diffusers' best (per-block or whole-graph compile) for each setting
+    for r in results:
+        if r.impl.startswith("diffusers") and r.status == "ok":
+            key = (r.arch, r.latent, r.batch, r.dtype, r.compile, r.channels_last, r.ac)
+            base[key] = max(base.get(key, 0.0), r.img_per_s)
     for r in results:
         ratio = ""
         key = (r.arch, r.latent, r.batch, r.dtype, r.compile, r.channels_last, r.ac)
@@ -147,10 +154,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch", default="8", help="micro-batch sizes")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--impl", default="ours,diffusers",
-                   help="ours (compiled per block), ours-whole (compiled as one graph), diffusers")
+                   help="ours / diffusers (compiled per block), ours-whole / diffusers-whole (one graph)")
     p.add_argument("--compile", choices=["no", "yes", "both"], default="no")
     p.add_argument("--channels-last", choices=["no", "yes", "both"], default="no")
-    p.add_argument("--ac", choices=["none", "full"], default="none", help="activation checkpointing")
+    p.add_argument("--ac", default="none", help="activation checkpointing policies: none, full, selective (ours)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=float("inf"), help="skip what is left after this long")
@@ -174,26 +181,28 @@ def main(argv=None) -> int:
         print(f"latent {latent}: {flops / 1e9:.1f} GFLOP per image (fwd+bwd)", flush=True)
         for compile_ in flags[args.compile]:
             for cl in flags[args.channels_last]:
-                for batch in map(int, args.batch.split(",")):
-                    for impl in args.impl.split(","):
-                        res = Result(impl, args.arch, latent, batch, args.dtype, compile_, cl, args.ac)
-                        if time.perf_counter() - start > args.budget_s:
-                            res.status = "skipped (time budget)"
-                        else:
-                            try:
-                                measure(res, cfg, args.device, args.steps, args.warmup, flops, peak)
-                            except torch.OutOfMemoryError:
-                                res.status = "OOM"
-                            except Exception as err:  # one failed configuration must not lose the others
-                                res.status = f"error: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
-                            finally:
-                                if args.device == "cuda":
-                                    torch.cuda.empty_cache()
-                        results.append(res)
-                        print(table([res]).splitlines()[-1], flush=True)
-                        (args.out / "unet_step.json").write_text(json.dumps(
-                            {"device": name, "peak_tflops": peak, "torch": torch.__version__,
-                             "results": [asdict(r) for r in results]}, indent=1))
+                for ac, batch, impl in itertools.product(args.ac.split(","), map(int, args.batch.split(",")),
+                                                         args.impl.split(",")):
+                    res = Result(impl, args.arch, latent, batch, args.dtype, compile_, cl, ac)
+                    if impl.startswith("diffusers") and ac == "selective":
+                        continue  # diffusers offers all-or-nothing checkpointing only
+                    if time.perf_counter() - start > args.budget_s:
+                        res.status = "skipped (time budget)"
+                    else:
+                        try:
+                            measure(res, cfg, args.device, args.steps, args.warmup, flops, peak)
+                        except torch.OutOfMemoryError:
+                            res.status = "OOM"
+                        except Exception as err:  # one failed configuration must not lose the others
+                            res.status = f"error: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+                        finally:
+                            if args.device == "cuda":
+                                torch.cuda.empty_cache()
+                    results.append(res)
+                    print(table([res]).splitlines()[-1], flush=True)
+                    (args.out / "unet_step.json").write_text(json.dumps(
+                        {"device": name, "peak_tflops": peak, "torch": torch.__version__,
+                         "results": [asdict(r) for r in results]}, indent=1))
     md = f"device: {name}, torch {torch.__version__}, peak {peak} TFLOP/s\n\n" + table(results) + "\n"
     (args.out / "unet_step.md").write_text(md)
     print("\n" + md)

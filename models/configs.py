@@ -21,8 +21,10 @@ class UNetConfig:
     dropout: float = 0.0
     # "sdpa" (torch scaled_dot_product_attention), "xformers" (GPU extra) or "math" (reference).
     attention_backend: str = "sdpa"
-    # Recompute each block in the backward pass while training (never in eval).
-    activation_checkpointing: bool = False
+    # Activation checkpointing of each UNet block while training (never in eval): "none", "full"
+    # (recompute the whole block in backward) or "selective" (keep the outputs of convolutions, matmuls
+    # and attention, recompute only the cheap norms and pointwise ops; see models/checkpoint_policy.py).
+    activation_checkpointing: str = "none"
 
     def __post_init__(self) -> None:
         if self.model_channels % self.norm_groups:
@@ -30,6 +32,9 @@ class UNetConfig:
         for mult in self.channel_mult:
             if (self.model_channels * mult) % self.num_heads:
                 raise ValueError(f"unet: channels {self.model_channels * mult} not divisible by num_heads={self.num_heads}")
+        if self.activation_checkpointing not in ("none", "full", "selective"):
+            raise ValueError(f"unet.activation_checkpointing={self.activation_checkpointing!r}: choose none, full "
+                             "or selective")
         if self.attention_backend not in ("sdpa", "xformers", "math"):
             raise ValueError(f"unet.attention_backend={self.attention_backend!r}: choose sdpa, xformers or math")
         max_factor = 2 ** (len(self.channel_mult) - 1)

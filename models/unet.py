@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import attention
+from .checkpoint_policy import selective_checkpoint_context
 from .configs import UNetConfig
 
 
@@ -43,6 +44,14 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return emb
 
 
+def zero_module(module: nn.Module) -> nn.Module:
+    """CompVis' `zero_module`: the last layer of every residual branch starts at zero, so a UNet trained
+    from scratch (sd-v1-1 was) starts as the identity path plus the skip connections."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
 class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int, dropout: float, groups: int):
         super().__init__()
@@ -50,7 +59,7 @@ class ResBlock(nn.Module):
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(GroupNorm32(groups, out_channels), nn.SiLU(), nn.Dropout(dropout),
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+                                        zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
         self.skip_connection = (nn.Identity() if out_channels == channels
                                 else nn.Conv2d(channels, out_channels, 1))
 
@@ -127,7 +136,7 @@ class SpatialTransformer(nn.Module):
         self.proj_in = nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, heads, context_dim, dropout, backend) for _ in range(depth))
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -156,9 +165,15 @@ class Upsample(nn.Module):
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    """Passes each layer what it needs: the timestep embedding to ResBlocks, the context to transformers."""
+    """Passes each layer what it needs: the timestep embedding to ResBlocks, the context to transformers.
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    A block is also the unit of activation checkpointing ("none", "full", "selective"), applied inside its
+    forward so that `block.compile()` traces the checkpoint too (a compiled region handles the
+    selective policy as part of its graph)."""
+
+    checkpointing: str = "none"
+
+    def _layers(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
@@ -167,6 +182,15 @@ class TimestepEmbedSequential(nn.Sequential):
             else:
                 x = layer(x)
         return x
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        # Recompute in backward only while training with grad: eval and no-grad pay nothing.
+        if self.checkpointing == "none" or not (self.training and torch.is_grad_enabled()):
+            return self._layers(x, emb, context)
+        if self.checkpointing == "selective":
+            return checkpoint(self._layers, x, emb, context, use_reentrant=False,
+                              context_fn=selective_checkpoint_context)
+        return checkpoint(self._layers, x, emb, context, use_reentrant=False)
 
 
 class UNetModel(nn.Module):
@@ -215,14 +239,15 @@ class UNetModel(nn.Module):
                     factor //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(GroupNorm32(groups, cur), nn.SiLU(), nn.Conv2d(cur, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(groups, cur), nn.SiLU(),
+                                 zero_module(nn.Conv2d(cur, cfg.out_channels, 3, padding=1)))
         self.activation_checkpointing = cfg.activation_checkpointing
+        for block in self.blocks():
+            block.checkpointing = cfg.activation_checkpointing
 
-    def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        # Recompute the block in backward only while training with grad: eval and no-grad pay nothing.
-        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, use_reentrant=False)
-        return block(h, emb, context)
+    def blocks(self) -> list[TimestepEmbedSequential]:
+        """The units of checkpointing, per-block compile and FSDP2 sharding, in execution order."""
+        return [*self.input_blocks, self.middle_block, *self.output_blocks]
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) noisy latents; timesteps: (B,) ints in [0, T); context: (B, 77, context_dim)."""
@@ -230,9 +255,9 @@ class UNetModel(nn.Module):
         emb = self.time_embed(t_emb)
         h, skips = x, []
         for block in self.input_blocks:
-            h = self._run(block, h, emb, context)
+            h = block(h, emb, context)
             skips.append(h)
-        h = self._run(self.middle_block, h, emb, context)
+        h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h)

@@ -26,3 +26,15 @@ def _deterministic():
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def reinit_zeroed_(module: torch.nn.Module) -> torch.nn.Module:
+    """Gives the layers the UNet zero-initialises (CompVis' zero_module: last conv of each residual branch,
+    proj_out, conv_out) torch's default init, so a random test model's output and every gradient depend
+    on every weight (a zero conv_out would make outputs 0 and comparisons vacuous)."""
+    with torch.no_grad():
+        for m in module.modules():
+            own = list(m.parameters(recurse=False))
+            if own and hasattr(m, "reset_parameters") and all(not p.any() for p in own):
+                m.reset_parameters()
+    return module

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import reinit_zeroed_
 from train_helpers import free_port
 from PIL import Image
 
@@ -34,6 +35,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     torch.manual_seed(0)
     m = build_models(tiny())
+    reinit_zeroed_(m.unet)
     # An EMA copy that differs from the raw weights: the evaluation must sample with it by default.
     m.unet_ema = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in m.unet.state_dict().items()}
     (root / "run" / "v1-x" / "export").mkdir(parents=True)

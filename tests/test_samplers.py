@@ -24,7 +24,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, PNDMScheduler
 
-from conftest import rel_err
+from conftest import reinit_zeroed_, rel_err
 from models.configs import tiny
 from models.guidance import ClassifierFreeGuidance
 from models.samplers import (ddim_coefficients, ddim_sample, ddim_timesteps, initial_noise, plms_sample,
@@ -42,7 +42,7 @@ DDIM = dict(SCHEDULE, clip_sample=False)
 @pytest.fixture(scope="module")
 def unet():
     torch.manual_seed(0)
-    return UNetModel(CFG.unet).eval().requires_grad_(False)
+    return reinit_zeroed_(UNetModel(CFG.unet)).eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +205,7 @@ def tiny_files(tmp_path_factory):
 
     torch.manual_seed(0)
     m = build_models(CFG)
+    reinit_zeroed_(m.unet)
     root = tmp_path_factory.mktemp("tiny")
     save_ldm_checkpoint(root / "tiny.ckpt", m)
     save_diffusers(root / "pipe", CFG, m.unet.state_dict(), m.vae.state_dict(), m.text_encoder.state_dict(),

@@ -1,9 +1,11 @@
 """The UNet against the original numbers (parameter count, key layout) and against diffusers."""
+from collections import Counter
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from conftest import rel_err
+from conftest import reinit_zeroed_, rel_err
 from models.adapters import diffusers_unet
 from models.adapters.keys import KeyMismatchError
 from models.configs import UNetConfig, tiny
@@ -80,7 +82,7 @@ def test_missing_and_unexpected_keys_are_listed():
 def test_attention_backends_agree(backend):
     cfg = tiny().unet
     torch.manual_seed(1)
-    sdpa = UNetModel(cfg).eval()
+    sdpa = reinit_zeroed_(UNetModel(cfg)).eval()
     other = UNetModel(UNetConfig(**{**cfg.__dict__, "attention_backend": backend})).eval()
     other.load_state_dict(sdpa.state_dict())
     x, t, ctx = torch.randn(1, 4, 16, 16), torch.tensor([10]), torch.randn(1, 77, cfg.context_dim)
@@ -103,11 +105,12 @@ def test_xformers_backend_without_xformers_says_how_to_fix():
         unet(torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.randn(1, 77, cfg.context_dim))
 
 
-def test_activation_checkpointing_same_gradients_and_off_in_eval():
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_activation_checkpointing_same_gradients_and_off_in_eval(policy):
     cfg = tiny().unet
     torch.manual_seed(2)
-    plain = UNetModel(cfg)
-    ckpt = UNetModel(UNetConfig(**{**cfg.__dict__, "activation_checkpointing": True}))
+    plain = reinit_zeroed_(UNetModel(cfg))
+    ckpt = UNetModel(UNetConfig(**{**cfg.__dict__, "activation_checkpointing": policy}))
     ckpt.load_state_dict(plain.state_dict())
     x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([5, 500]), torch.randn(2, 77, cfg.context_dim)
     for model in (plain, ckpt):
@@ -128,3 +131,59 @@ def test_activation_checkpointing_same_gradients_and_off_in_eval():
         assert calls  # training does, block by block
     finally:
         unet_module.checkpoint = real
+
+
+def _ops_run_in_backward(policy: str) -> Counter:
+    """aten ops executed while backward runs: the recomputed forward ops show up as forward overloads."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.name()] += 1
+            return func(*args, **(kwargs or {}))
+
+    cfg = UNetConfig(**{**tiny().unet.__dict__, "activation_checkpointing": policy})
+    torch.manual_seed(3)
+    model = reinit_zeroed_(UNetModel(cfg))
+    loss = model(torch.randn(2, 4, 16, 16), torch.tensor([5, 500]), torch.randn(2, 77, cfg.context_dim)).square().mean()
+    with Count() as counter:
+        loss.backward()
+    return counter.ops
+
+
+def test_selective_checkpointing_recomputes_only_cheap_ops():
+    """The policy the performance issue asks for: backward re-runs norms and pointwise ops but no
+    convolution, matmul or attention (those outputs are kept); full checkpointing re-runs them all."""
+    none, selective, full = (_ops_run_in_backward(p) for p in ("none", "selective", "full"))
+    # Backward itself runs mm for the linear layers' gradients: compare against no checkpointing.
+    expensive = ["aten::convolution", "aten::mm", "aten::addmm", "aten::bmm",
+                 *(op for op in full if "scaled_dot_product" in op and "backward" not in op)]
+    assert len(expensive) > 4 and full["aten::convolution"] > none["aten::convolution"] == 0
+    assert {op: selective[op] for op in expensive} == {op: none[op] for op in expensive}
+    for cheap in ("aten::native_group_norm", "aten::native_layer_norm", "aten::silu"):
+        assert selective[cheap] > none[cheap] == 0, cheap
+
+
+def test_activation_checkpointing_rejects_unknown_policy():
+    with pytest.raises(ValueError, match="none, full or selective"):
+        UNetConfig(activation_checkpointing="some")
+
+
+def test_residual_branch_outputs_start_at_zero_as_in_compvis():
+    """openaimodel.py wraps ResBlock's last conv, SpatialTransformer.proj_out and the final conv in
+    zero_module(): sd-v1-1 was trained from scratch from that init. Nothing else starts at zero
+    (biases of other layers are drawn by torch's default init)."""
+    import re
+
+    unet = UNetModel(tiny().unet)
+    zero = {name for name, p in unet.named_parameters() if not p.any()}
+    expected = {name for name, _ in unet.named_parameters()
+                if re.search(r"(out_layers\.3|proj_out)\.(weight|bias)$", name) or name.startswith("out.2.")}
+    # 22 ResBlocks, 16 SpatialTransformers (weight + bias each) and conv_out
+    assert zero == expected and len(expected) == 2 * (22 + 16 + 1)
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32)
+    assert not unet(x, t, ctx).any()  # the prediction starts at exactly zero

@@ -17,7 +17,8 @@ class ModelConfig:
     # first stage: the embedded miniature reproduction).
     arch: str = "sd-v1"
     attention_backend: str = "sdpa"
-    activation_checkpointing: bool = False
+    # none | full | selective (see models/configs.py UNetConfig)
+    activation_checkpointing: str = "none"
     # Frozen parts come from here (an original .ckpt / safetensors); None = random init (tests, toy runs).
     pretrained_first_stage: Optional[str] = None
 

@@ -21,7 +21,7 @@ def compile_blocks(unet: nn.Module) -> None:
     """torch.compile each UNet block in place: parameter names keep no `_orig_mod.` prefix, and FSDP2
     can shard block by block around the compiled regions."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
+    for block in unet.blocks():
         block.compile(dynamic=False)
 
 

@@ -10,18 +10,22 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 
-def save(path: Path, model, optimizer, scheduler) -> None:
+def save(path: Path, model, optimizer, scheduler, extra: dict | None = None) -> None:
+    """`extra`: small replicated states (same on every rank), saved next to the model's."""
     msd, osd = get_state_dict(model, optimizer)
-    state = {"model": msd, "optim": osd, "scheduler": scheduler.state_dict()}
+    state = {"model": msd, "optim": osd, "scheduler": scheduler.state_dict(), **(extra or {})}
     dcp.save(state, checkpoint_id=str(path))
 
 
-def load(path: Path, model, optimizer, scheduler) -> None:
+def load(path: Path, model, optimizer, scheduler, extra: dict | None = None) -> None:
+    """Loads in place; `extra` is filled in place too (pass the current states as templates)."""
     msd, osd = get_state_dict(model, optimizer)
-    state = {"model": msd, "optim": osd, "scheduler": scheduler.state_dict()}
+    state = {"model": msd, "optim": osd, "scheduler": scheduler.state_dict(), **(extra or {})}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     scheduler.load_state_dict(state["scheduler"])
+    for key in extra or {}:
+        extra[key] = state[key]
 
 
 def full_model_state(model, is_main: bool) -> dict[str, torch.Tensor] | None:

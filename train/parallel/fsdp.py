@@ -21,7 +21,7 @@ def parallelize_unet(unet, device_type: str, world_size: int, param_dtype: torch
         compile_blocks(unet)
     mesh = init_device_mesh(device_type, (world_size,))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
+    for block in unet.blocks():
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     # The root keeps time_embed and the output head; it never reshards (its backward runs first).
     fully_shard(unet, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
@@ -41,6 +41,13 @@ class FSDPEngine(TorchEngine):
 
     def autocast(self):
         return contextlib.nullcontext()  # FSDP2 casts parameters and the root's inputs itself
+
+    def _make_scaler(self, enabled: bool):
+        # Each rank holds a different gradient shard: the inf/nan check must be all-reduced, or one rank
+        # would skip a step that another takes.
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(self.env.device.type, enabled=enabled)
 
     def _gradient_sync(self, enabled):
         self.unet.set_requires_gradient_sync(enabled)  # reduce-scatter once per optimiser step

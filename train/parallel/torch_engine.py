@@ -19,7 +19,11 @@ class TorchEngine(Engine):
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim.warmup_steps, self.cfg.optim.warmup_start,
                                          lr_offset)
         # Loss scaling only for fp16; bf16 and fp32 need none.
-        self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.dtype == torch.float16)
+        self.scaler = self._make_scaler(enabled=self.dtype == torch.float16)
+
+    def _make_scaler(self, enabled: bool) -> torch.amp.GradScaler:
+        """Every rank sees the same full gradients after DDP's all-reduce, so a local inf check agrees."""
+        return torch.amp.GradScaler(self.env.device.type, enabled=enabled)
 
     @abstractmethod
     def _gradient_sync(self, enabled: bool):
@@ -45,7 +49,11 @@ class TorchEngine(Engine):
         return dict(self.unet.named_parameters())
 
     def save(self, path: Path):
-        dcp_io.save(path, self.unet, self.optimizer, self.scheduler)
+        # The loss scale and its growth counter are part of the optimisation state: without them an fp16
+        # run would restart at 2^16 and skip steps on resume that the uninterrupted run did not.
+        dcp_io.save(path, self.unet, self.optimizer, self.scheduler, {"grad_scaler": self.scaler.state_dict()})
 
     def load(self, path: Path):
-        dcp_io.load(path, self.unet, self.optimizer, self.scheduler)
+        extra = {"grad_scaler": self.scaler.state_dict()}
+        dcp_io.load(path, self.unet, self.optimizer, self.scheduler, extra)
+        self.scaler.load_state_dict(extra["grad_scaler"])
