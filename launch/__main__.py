@@ -11,25 +11,18 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import sys
 
 from launch import chain, slurm
 from launch.config import ConfigError, StageJob, stage_job
 from launch.sbatch import render
 from launch.status import format_table, stage_rows
-from launch.torchrun import shell_join, torchrun_argv, worker_env
+from launch.torchrun import free_port, shell_join, torchrun_argv, worker_env
 from train.status import read_status
 
 
 def _python(job: StageJob) -> str:
     return job.cluster.python or sys.executable
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cmd_torchrun(args) -> int:
@@ -39,7 +32,7 @@ def cmd_torchrun(args) -> int:
         if job.cluster.nodes > 1:
             raise ConfigError("several nodes must agree on the rendezvous port: pass --master-port (the same on "
                               "every node) or set cluster.master_port")
-        port = _free_port()
+        port = free_port()
     argv = torchrun_argv(job, python=_python(job), nnodes=job.cluster.nodes,
                          rdzv_endpoint=f"{args.master_addr}:{port}", rdzv_id=job.rdzv_id,
                          local_addr=args.local_addr, module=args.module)

@@ -13,6 +13,7 @@ sbatch script. Design points:
 from __future__ import annotations
 
 import shlex
+import socket
 from typing import Sequence
 
 from launch.config import REQUEUE_MARGIN_S, StageJob
@@ -22,6 +23,13 @@ HANDLED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 class Shell(str):
     """A word for the shell to expand (it holds "$VAR"s): quoted with "", never with ''."""
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (a one-node rendezvous; several nodes must be told one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _opt(name: str, value: str | int) -> str:

@@ -123,6 +123,12 @@ class SDConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     # "vae" (AutoencoderKL, SD v1) or "pixel" (parameter-free average pooling: toy runs only).
     first_stage: str = "vae"
+    # Toy runs only: std of the random text encoder's token embeddings (None: CLIP's init, 0.02). SD's
+    # encoder is pretrained CLIP, whose features tell words apart; a random tiny CLIP at CLIP's init
+    # does not (its layers wash the word out: cosine 0.88 between the features of "red" and "blue" in
+    # the same caption). At 0.5 the word dominates its position's feature (cosine 0.06), as in a
+    # trained encoder, so a toy UNet can learn to follow it.
+    text_token_init_std: float | None = None
 
     def __post_init__(self) -> None:
         if self.first_stage not in ("vae", "pixel"):
@@ -150,12 +156,12 @@ def tiny() -> SDConfig:
 
 
 def mini() -> SDConfig:
-    """tiny() with the pixel-space first stage and 2 attention heads: the embedded miniature reproduction.
+    """tiny() with the pixel-space first stage, 2 attention heads and a random text encoder whose token
+    embeddings keep words apart: the embedded miniature reproduction.
 
-    At width 32, SD's 8 heads would be 4 channels each, too narrow for cross-attention to pick the
-    colour word out of the caption within a few hundred steps; 2 heads give 16/32/64."""
+    At width 32, SD's 8 heads would be 4 channels each; 2 heads give 16/32/64."""
     base = tiny()
-    return replace(base, first_stage="pixel", unet=replace(base.unet, num_heads=2))
+    return replace(base, first_stage="pixel", unet=replace(base.unet, num_heads=2), text_token_init_std=0.5)
 
 
 def with_overrides(cfg: SDConfig, **parts) -> SDConfig:

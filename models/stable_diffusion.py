@@ -39,6 +39,9 @@ def build_models(cfg: SDConfig, device: torch.device | str | None = None) -> SDM
         unet = UNetModel(cfg.unet)
         vae = (AutoencoderKL(cfg.vae) if cfg.first_stage == "vae" else PixelFirstStage()).eval().requires_grad_(False)
         text = FrozenCLIPTextEncoder(cfg.text)
+        if cfg.text_token_init_std is not None:
+            torch.nn.init.normal_(text.transformer.text_model.embeddings.token_embedding.weight, 0.0,
+                                  cfg.text_token_init_std)
         schedule = DDPMSchedule(cfg.schedule)
     return SDModels(cfg, unet, vae, text, schedule)
 

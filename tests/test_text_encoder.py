@@ -1,6 +1,7 @@
 """The frozen CLIP text encoder: SD v1 key/shape layout, equivalence with transformers' CLIPTextModel
 through the diffusers adapter, strict key checking."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,22 @@ def test_config_helpers_and_encode_prompts(tiny_encoder):
 
     out = encode_prompts(FakeTokenizer(), tiny_encoder, ["a", "b", "c"])
     assert out.shape == (3, 77, 32) and not out.requires_grad
+
+
+def test_miniature_text_encoder_tells_words_apart_where_clip_init_does_not():
+    """The reason for mini()'s text_token_init_std: at the colour word's position, the features of two
+    captions that differ only in that word are nearly equal with CLIP's init, clearly apart with 0.5."""
+    from models.configs import mini
+    from models.stable_diffusion import build_models
+    from models.text_encoder import encode_prompts
+    from models.tokenizer import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer()
+    position = 2  # <start> a red ...
+    cosines = {}
+    for name, cfg in {"clip-init": replace(mini(), text_token_init_std=None), "mini": mini()}.items():
+        torch.manual_seed(0)
+        feats = encode_prompts(tokenizer, build_models(cfg).text_encoder,
+                               ["a red circle on a white background", "a blue circle on a white background"])
+        cosines[name] = torch.nn.functional.cosine_similarity(feats[0, position], feats[1, position], dim=0).item()
+    assert cosines["clip-init"] > 0.8 and cosines["mini"] < 0.3, cosines
