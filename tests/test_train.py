@@ -54,13 +54,16 @@ def test_backends_reach_the_same_loss_and_weights(tmp_path, shards, ddp_referenc
     assert got["loss"] == pytest.approx(ref["loss"], rel=1e-4)
     a, b = _unet(ddp_reference), _unet(tmp_path / "run")
     assert a.keys() == b.keys()
-    # Adam divides by sqrt(v): parameters with almost no gradient (conv biases in front of a GroupNorm)
-    # move by ~lr per step whatever the sign of their reduction noise. So bound the absolute drift by a
-    # fraction of the largest possible movement (6 steps x lr 1e-3), and the typical relative drift tightly.
+    # Adam divides by sqrt(v): parameters with almost no gradient (conv biases in front of a GroupNorm,
+    # and in the first steps every layer behind a zero-initialised output conv) move by ~lr per step
+    # whatever the sign of their reduction noise, and the zero-initialised tensors are themselves tiny
+    # after 6 steps, so a per-tensor relative drift is meaningless for them. Bound the absolute drift by
+    # a fraction of the largest possible movement (6 steps x lr 1e-3), and the drift of the whole model.
     drift = [(a[k] - b[k]).abs().max().item() for k in a]
     assert max(drift) < 1e-3
-    rel = [((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)).item() for k in a]
-    assert sum(rel) / len(rel) < 1e-4
+    total = sum((a[k] - b[k]).double().square().sum() for k in a).sqrt() / \
+        sum(a[k].double().square().sum() for k in a).sqrt()
+    assert total < 1e-4
     ema_a, ema_b = _ema(ddp_reference), _ema(tmp_path / "run")
     assert ema_a.keys() == ema_b.keys() and len(ema_a) == 688
     assert all(torch.allclose(ema_a[k].float(), ema_b[k].float(), rtol=0, atol=1e-3) for k in ema_a)

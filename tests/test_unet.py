@@ -175,14 +175,19 @@ def test_activation_checkpointing_rejects_unknown_policy():
 
 def test_residual_branch_outputs_start_at_zero_as_in_compvis():
     """openaimodel.py wraps ResBlock's last conv, SpatialTransformer.proj_out and the final conv in
-    zero_module(): sd-v1-1 was trained from scratch from that init. Nothing else starts at zero
-    (biases of other layers are drawn by torch's default init)."""
+    zero_module(): sd-v1-1 was trained from scratch from that init. No other convolution or linear
+    layer starts at zero (norm layers' biases start at zero in torch and in the original alike)."""
     import re
 
     unet = UNetModel(tiny().unet)
-    zero = {name for name, p in unet.named_parameters() if not p.any()}
-    expected = {name for name, _ in unet.named_parameters()
-                if re.search(r"(out_layers\.3|proj_out)\.(weight|bias)$", name) or name.startswith("out.2.")}
+    zero, expected = set(), set()
+    for module_name, module in unet.named_modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            for name, p in module.named_parameters(prefix=module_name):
+                if not p.any():
+                    zero.add(name)
+                if re.search(r"(out_layers\.3|proj_out)\.(weight|bias)$", name) or name.startswith("out.2."):
+                    expected.add(name)
     # 22 ResBlocks, 16 SpatialTransformers (weight + bias each) and conv_out
     assert zero == expected and len(expected) == 2 * (22 + 16 + 1)
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32)
