@@ -192,3 +192,22 @@ def test_residual_branch_outputs_start_at_zero_as_in_compvis():
     assert zero == expected and len(expected) == 2 * (22 + 16 + 1)
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32)
     assert not unet(x, t, ctx).any()  # the prediction starts at exactly zero
+
+
+def test_compile_blocks_traces_every_block_in_place():
+    """What parallel.compile=true does: each block compiled in place (no `_orig_mod.` in the keys), and
+    dynamo really traces them (aot_eager: forward and backward graphs, without kernel generation)."""
+    from torch._dynamo.utils import counters
+
+    from train.parallel.base import compile_blocks
+
+    torch._dynamo.reset()
+    counters.clear()
+    unet = reinit_zeroed_(UNetModel(tiny().unet))
+    keys = list(unet.state_dict())
+    compile_blocks(unet, backend="aot_eager")
+    unet(torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32)).square().mean().backward()
+    assert list(unet.state_dict()) == keys
+    # Blocks of the same structure and shapes share a graph (parameters are graph inputs), so fewer
+    # graphs than blocks; none may break (a break would leave part of a block to eager).
+    assert 0 < counters["stats"]["unique_graphs"] <= len(unet.blocks()) and not counters["graph_break"]

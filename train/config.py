@@ -79,7 +79,11 @@ class EMAConfig:
 class ParallelConfig:
     # mixed precision: "bf16" (no loss scaling), "fp16" (dynamic loss scaling), "fp32".
     precision: str = "bf16"
+    # torch.compile each UNet block in place. The backend is "inductor" for speed; "aot_eager" traces
+    # forward and backward the same way without generating kernels (the CPU tests use it: inductor's
+    # C++ build of every block takes minutes there).
     compile: bool = False
+    compile_backend: str = "inductor"
     tf32: bool = True
     # FSDP2
     reshard_after_forward: bool = True
@@ -228,6 +232,9 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
         raise ConfigError(f"backend={cfg.backend!r}: choose ddp, fsdp or deepspeed")
     if cfg.parallel.precision not in ("bf16", "fp16", "fp32"):
         raise ConfigError(f"parallel.precision={cfg.parallel.precision!r}: choose bf16, fp16 or fp32")
+    if cfg.parallel.compile_backend not in ("inductor", "aot_eager", "eager"):
+        raise ConfigError(f"parallel.compile_backend={cfg.parallel.compile_backend!r}: choose inductor, aot_eager "
+                          "or eager")
     if cfg.backend == "deepspeed" and cfg.parallel.zero_stage not in (1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage}: DeepSpeed ZeRO stage must be 1, 2 or 3")
     if cfg.optim.scale_lr:

@@ -15,7 +15,7 @@ class DDPEngine(TorchEngine):
         super().__init__(cfg, env, accumulation)
         unet.to(env.device)
         if cfg.parallel.compile:
-            compile_blocks(unet)
+            compile_blocks(unet, cfg.parallel.compile_backend)
         self.unet = unet
         distributed = torch.distributed.is_initialized()
         self.module = (DistributedDataParallel(unet, device_ids=[env.local_rank] if env.device.type == "cuda" else None)

@@ -57,7 +57,7 @@ class DeepSpeedEngine(Engine):
             deepspeed.init_distributed(dist_backend="nccl" if env.device.type == "cuda" else "gloo")
         unet.to(env.device)
         if cfg.parallel.compile:
-            compile_blocks(unet)
+            compile_blocks(unet, cfg.parallel.compile_backend)
         optimizer = build_optimizer(unet.parameters(), cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim.warmup_steps, cfg.optim.warmup_start, lr_offset)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(

@@ -15,10 +15,11 @@ from .torch_engine import TorchEngine
 
 
 def parallelize_unet(unet, device_type: str, world_size: int, param_dtype: torch.dtype,
-                     reshard_after_forward: bool, compile_: bool):
-    """Compile (optional) and shard the UNet block by block; returns the same module, sharded in place."""
-    if compile_:
-        compile_blocks(unet)
+                     reshard_after_forward: bool, compile_backend: str | None):
+    """Compile (with `compile_backend`, None: not) and shard the UNet block by block; returns the same
+    module, sharded in place."""
+    if compile_backend:
+        compile_blocks(unet, compile_backend)
     mesh = init_device_mesh(device_type, (world_size,))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in unet.blocks():
@@ -36,7 +37,8 @@ class FSDPEngine(TorchEngine):
                                "or use backend=ddp for a single process")
         unet.to(env.device)
         self.module = self.unet = parallelize_unet(unet, env.device.type, env.world_size, self.dtype,
-                                                   cfg.parallel.reshard_after_forward, cfg.parallel.compile)
+                                                   cfg.parallel.reshard_after_forward,
+                                                   cfg.parallel.compile_backend if cfg.parallel.compile else None)
         self._setup_optimizer(lr_offset)
 
     def autocast(self):
