@@ -27,7 +27,7 @@ from models import configs  # noqa: E402
 from models.adapters import diffusers_unet  # noqa: E402
 from models.unet import UNetModel  # noqa: E402
 from train.flops import peak_tflops, unet_train_flops_per_image  # noqa: E402
-from train.parallel.base import compile_blocks  # noqa: E402
+from train.parallel.base import compile_blocks, compile_in_place  # noqa: E402
 
 
 @dataclass
@@ -73,9 +73,7 @@ def build(impl: str, cfg: configs.UNetConfig, device: str, channels_last: bool, 
             model.compile(dynamic=False)
         elif compile_:
             # Per block, in place, like ours: the whole-model graph took > 170 s to compile on an H200.
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            for block in [*model.down_blocks, model.mid_block, *model.up_blocks]:
-                block.compile(dynamic=False)
+            compile_in_place([*model.down_blocks, model.mid_block, *model.up_blocks])
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()

@@ -241,7 +241,6 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(GroupNorm32(groups, cur), nn.SiLU(),
                                  zero_module(nn.Conv2d(cur, cfg.out_channels, 3, padding=1)))
-        self.activation_checkpointing = cfg.activation_checkpointing
         for block in self.blocks():
             block.checkpointing = cfg.activation_checkpointing
 

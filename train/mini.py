@@ -89,12 +89,18 @@ def prompts(seeds_per_prompt: int = 2) -> list[dict]:
     return out
 
 
-@torch.no_grad()
-def evaluate(root: Path, scale: float = 7.5, steps: int = 50) -> dict:
-    """Samples every prompt through tools/sample.py (EMA weights, DDIM, CFG with CLIP("")), 128 px."""
-    from tools.sample import SamplingConfig, decode, load_sampling_models, sample_latents
+def load_final_models(root: Path):
+    """The last stage's export, for sampling with its EMA weights (tools/sample.py)."""
+    from tools.sample import load_sampling_models
 
-    models = load_sampling_models(root / RUN_NAME / STAGES[-1] / "export", arch="mini")
+    return load_sampling_models(root / RUN_NAME / STAGES[-1] / "export", arch="mini")
+
+
+@torch.no_grad()
+def evaluate(models, scale: float = 7.5, steps: int = 50) -> dict:
+    """Samples every prompt through tools/sample.py (DDIM, CFG with CLIP("")) at 128 px and checks colours."""
+    from tools.sample import SamplingConfig, decode, sample_latents
+
     cfg = SamplingConfig(sampler="ddim", steps=steps, scale=scale, height=128, width=128, precision="full")
     cases = prompts()
     z = sample_latents(models, [c["prompt"] for c in cases], [c["seed"] for c in cases], cfg)
@@ -172,10 +178,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         run_stage(stage, root, args.procs, args.backend, args.overrides)
 
+    models = load_final_models(root)
     for scale in sorted({1.0, 3.0} - {args.scale}):  # context for the report: guidance off, and weaker
-        other = evaluate(root, scale)
+        other = evaluate(models, scale)
         print(f"guidance {scale}: asked-for colour dominates {other['accuracy']:.0%} of samples", flush=True)
-    result = evaluate(root, args.scale)
+    result = evaluate(models, args.scale)
     save_grid(result.pop("images"), out / "samples.png", columns=8)
     points = loss_history(root)
     plot_loss(points, out / "loss.png")

@@ -17,13 +17,18 @@ def build_optimizer(params, optim_cfg) -> torch.optim.AdamW:
                              eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay)
 
 
-def compile_blocks(unet: nn.Module, backend: str = "inductor") -> None:
-    """torch.compile each UNet block in place: parameter names keep no `_orig_mod.` prefix, and FSDP2
-    can shard block by block around the compiled regions. All blocks share one forward code object, so
-    each distinct shape is one more cache entry: raise dynamo's limit, and keep shapes static."""
+def compile_in_place(modules, backend: str = "inductor") -> None:
+    """torch.compile each module in place: parameter names keep no `_orig_mod.` prefix. Modules of one
+    class share one forward code object, so each distinct shape is one more cache entry: raise dynamo's
+    limit, and keep shapes static."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    for block in unet.blocks():
-        block.compile(dynamic=False, backend=backend)
+    for module in modules:
+        module.compile(dynamic=False, backend=backend)
+
+
+def compile_blocks(unet: nn.Module, backend: str = "inductor") -> None:
+    """Each UNet block compiled in place, so FSDP2 can shard block by block around the compiled regions."""
+    compile_in_place(unet.blocks(), backend)
 
 
 class Engine(ABC):
