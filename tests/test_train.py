@@ -162,7 +162,11 @@ def test_nonfinite_losses_in_a_row_abort_with_a_checkpoint(tmp_path, shards):
                                           "checkpoint.max_nonfinite_in_a_row=3"), expect=None)
     assert proc.returncode != 0
     assert status(run_dir)["state"] == "failed"
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step-4"  # saved before aborting
+    # Steps 1-3 are the third in a row; the loop learns it one step later (it never waits for the step
+    # it has just queued), so it stops after step 4 and saves step-5 before aborting.
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step-5"
+    meta = json.loads((run_dir / "checkpoints" / "step-5" / "meta.json").read_text())
+    assert meta["nonfinite_skipped"] == 4 and meta["nonfinite_in_a_row"] == 4
 
 
 def test_two_nodes_on_one_host_match_one_node(tmp_path, shards, ddp_reference):
@@ -259,8 +263,8 @@ def test_ema_once_per_micro_batch_as_lightning_did(tmp_path, shards):
     run_train(tmp_path, _overrides(shards, per_micro, "backend=ddp", "ema.update_every=micro_batch"))
     counts = {d.name: int(exported_unet(d)["model_ema.num_updates"]) for d in (per_step, per_micro)}
     assert counts == {"step": 6, "micro": 12}
-    raw = _unet(per_micro)
-    assert all(torch.equal(_unet(per_step)[k], raw[k]) for k in raw)  # the EMA never feeds back into training
+    raw, raw_per_step = _unet(per_micro), _unet(per_step)
+    assert all(torch.equal(raw_per_step[k], raw[k]) for k in raw)  # the EMA never feeds back into training
     # LitEma's decay (1+n)/(10+n): after 6 steps one update per step weighs the latest weights by
     # 1 - d(6) = 0.56, two per step by 1 - d(11) d(12) = 0.66: the per-micro-batch EMA sits closer to them.
     def distance(run_dir) -> float:

@@ -351,6 +351,7 @@ def format_report(r: CostReport) -> str:
         "FLOPs per image: UNet forward + backward" + (" + " + " + ".join(encoders) if encoders else
                                                        " (latents and text embeddings precomputed)"),
         f"throughput: {r.throughput_source or 'none given (budget only)'}",
+        _per_gpu_batch_line(r.stages, hw),
         "",
         f"{'stage':<10} {'res':>4} {'steps':>8} {'batch':>6} {'images':>9} {'GFLOP/img':>9} "
         f"{'img/s/GPU':>9} {'MFU':>6} {'GPU-hours':>10} {'wall h':>8}",
@@ -367,6 +368,18 @@ def format_report(r: CostReport) -> str:
                   f"{'':>9} {'':>6} {_hours(t.gpu_hours):>10}" for t in r.by_resolution]
     lines += ["", *_format_budget(r.budget, hw)]
     return "\n".join(lines)
+
+
+def _per_gpu_batch_line(stages: Sequence[StageCost], hw: Hardware) -> str:
+    """A throughput only holds at the micro-batch it was measured at, and the cluster size fixes that
+    batch: SD's 2048 over 256 GPUs is 8 images per GPU per step, where a step runs far below the MFU
+    of the 32-128-image batches benchmarks like to quote."""
+    per_gpu = sorted({c.global_batch / hw.world_size for c in stages})
+    shown = ", ".join(f"{b:g}" for b in per_gpu)
+    uneven = any(b != int(b) for b in per_gpu)
+    return (f"images per GPU per step: {shown} (global batch / {hw.world_size} GPUs"
+            + ("; not a whole number: the trainer refuses such a cluster" if uneven else "")
+            + "): give img/s measured at that micro-batch (with gradient accumulation above what fits)")
 
 
 def _format_budget(b: BudgetCheck, hw: Hardware) -> list[str]:

@@ -153,8 +153,11 @@ def _precision_scope(cfg: SamplingConfig, device: torch.device):
 
 @torch.no_grad()
 def sample_latents(models: SamplingModels, prompts: Sequence[str], seeds: Sequence[int], cfg: SamplingConfig,
-                   scale: float | None = None) -> torch.Tensor:
-    """Final latents [B, 4, H/8, W/8] (float32), one per (prompt, seed). `scale` overrides cfg.scale."""
+                   scale: float | None = None, unet_forward=None) -> torch.Tensor:
+    """Final latents [B, 4, H/8, W/8] (float32), one per (prompt, seed). `scale` overrides cfg.scale.
+
+    `unet_forward`: what to call instead of `models.unet` (same weights), e.g. the trainer's wrapped
+    module, whose forward is a collective under FSDP2 and ZeRO-3."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     # The latents pass the UNet's len(channel_mult) - 1 downsamplings and come back to the skip connections.
@@ -165,7 +168,7 @@ def sample_latents(models: SamplingModels, prompts: Sequence[str], seeds: Sequen
     cond = encode_prompts(models.tokenizer, models.text_encoder, list(prompts))
     generators = seeded_generators(seeds)
     x = initial_noise(generators, (models.unet.cfg.in_channels, cfg.height // f, cfg.width // f), models.device)
-    denoiser = ClassifierFreeGuidance(models.unet, models.uncond, cfg.scale if scale is None else scale)
+    denoiser = ClassifierFreeGuidance(unet_forward or models.unet, models.uncond, cfg.scale if scale is None else scale)
     timesteps = ddim_timesteps(cfg.steps, models.alphas_cumprod.numel(), cfg.discretization)
     with _precision_scope(cfg, models.device):
         return SAMPLERS[cfg.sampler](denoiser, x, timesteps, cond, alphas_cumprod=models.alphas_cumprod, eta=cfg.eta,

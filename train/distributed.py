@@ -60,14 +60,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_max(value: float, device: torch.device) -> float:
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
-
-
 def shutdown(exit_code: int) -> None:
     """Leave without the sporadic SIGABRT at interpreter exit seen with gloo (FIELD_NOTES): destroy the
     group, flush, and exit immediately."""

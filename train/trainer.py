@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from data.loader import LoaderConfig, ShardLoader
 from models.stable_diffusion import build_models
 from train import checkpoint as ckpt
 from train.config import TrainConfig, validate
-from train.distributed import DistEnv, all_reduce_max, barrier, init_distributed
+from train.distributed import DistEnv, barrier, init_distributed
 from train.ema import EMA
 from train.export import export_stage, load_stage_init, shard_like
 from train.flops import peak_tflops, unet_train_flops_per_image
@@ -27,9 +26,10 @@ from train.parallel import build_engine
 from train.signals import REQUEUE_EXIT_CODE, PreemptionFlag
 from train.status import write_status
 from train.step import FrozenParts, training_loss
+from train.step_results import PendingStep, StepCounters, StepOutcome, vote
 
 
-def _loader_config(cfg: TrainConfig, text_dim: int) -> LoaderConfig:
+def _loader_config(cfg: TrainConfig, pin_memory: bool) -> LoaderConfig:
     data = cfg.stage.data
     filters = None
     if data.subset:
@@ -39,23 +39,8 @@ def _loader_config(cfg: TrainConfig, text_dim: int) -> LoaderConfig:
     return LoaderConfig(shards=data.shards, resolution=data.resolution, batch_size=cfg.stage.micro_batch,
                         num_workers=data.num_workers, seed=cfg.run.seed, caption_dropout=data.caption_dropout,
                         crop=data.crop, filters=filters, latents=data.latents, context=data.context,
-                        shuffle_buffer=data.shuffle_buffer, shards_per_group=data.shards_per_group)
-
-
-def _reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t
-
-
-def _all_finite(loss: torch.Tensor) -> bool:
-    """Every rank must take the same decision, or the ranks' optimiser states diverge."""
-    flag = torch.isfinite(loss).all().float().reshape(1)
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+                        shuffle_buffer=data.shuffle_buffer, shards_per_group=data.shards_per_group,
+                        pin_memory=pin_memory)
 
 
 class Trainer:
@@ -86,7 +71,8 @@ class Trainer:
             if init.ema is not None:
                 self.ema.load_state_dict({"num_updates": init.ema_num_updates, "max_decay": cfg.ema.max_decay,
                                           "shadow": shard_like(init.ema, self.engine.named_trainable())})
-        self.loader = ShardLoader(_loader_config(cfg, self.sd_cfg.text.hidden_size), env.rank, env.world_size)
+        self.loader = ShardLoader(_loader_config(cfg, pin_memory=env.device.type == "cuda"), env.rank,
+                                  env.world_size)  # pinned: the step's copies to the GPU need not wait
         # Distinct diffusion noise per rank (and per stage), reproducible.
         self.generator = torch.Generator(env.device).manual_seed(cfg.run.seed * 1_000_003 + env.rank + 1)
         # The step counter is global across stages when a stage carries it; this stage ends `steps` later.
@@ -130,13 +116,46 @@ class Trainer:
                          samples_seen=self.state.samples_seen)
 
     # -- the loop --------------------------------------------------------------------------------
-    def _update_ema(self) -> None:
+    def _update_ema(self, skipped: torch.Tensor) -> None:
         if self.ema is None:
             return
         times = self.accumulation if self.cfg.ema.update_every == "micro_batch" else 1
         params = self.engine.named_trainable()
         for _ in range(times):
-            self.ema.update(params)
+            self.ema.update(params, skipped)
+
+    def optimizer_step(self, micro_batches: list[dict], preempt_requested: bool, encode_autocast) -> StepOutcome:
+        """One optimiser step over this rank's micro-batches. Everything is queued on the device and
+        nothing waits for it (no `.item()`, no blocking copy): the results come back as device tensors."""
+        losses = []
+        for micro, batch in enumerate(micro_batches):
+            loss = training_loss(batch, self.engine.module, self.frozen, self.schedule, self.env.device,
+                                 self.generator, encode_autocast, self.engine.autocast())
+            if self.state.step in self.cfg.fault.nan_loss_at_steps:
+                loss = loss * float("nan")
+            self.engine.backward(loss, last_micro_batch=micro == len(micro_batches) - 1)
+            losses.append(loss.detach())
+        step_loss = torch.stack(losses).mean()
+        loss_nonfinite, preempted = vote(step_loss, preempt_requested)
+        grad_norm, skipped = self.engine.step(skip=loss_nonfinite)
+        self._update_ema(skipped)
+        return StepOutcome(step_loss, skipped, grad_norm, preempted)
+
+    def _apply(self, pending: PendingStep, meter, progress) -> str | None:
+        """The host's side of a finished step: counters, messages, the log window. Returns "abort" or
+        "preempt" when the run must stop (the same answer on every rank: the values were reduced)."""
+        state, values = self.state, pending.read.result()
+        state.nonfinite_skipped = int(values["skipped_total"])
+        state.nonfinite_in_a_row = int(values["in_a_row"])
+        meter.step_done(self.cfg.stage.micro_batch * self.accumulation)
+        if values["skipped"] and self.env.is_main:
+            print(f"step {pending.index}: non-finite loss or gradient, update skipped "
+                  f"({state.nonfinite_in_a_row} in a row)", flush=True)
+        if "loss" in values:
+            self._log(pending.index + 1, values, pending.lr, meter, progress)
+        if state.nonfinite_in_a_row >= self.cfg.checkpoint.max_nonfinite_in_a_row:
+            return "abort"
+        return "preempt" if values["preempted"] else None
 
     def train(self) -> int:
         from train.meters import ThroughputMeter
@@ -150,60 +169,46 @@ class Trainer:
         progress = Progress(cfg.tracking, total, start_step=state.step, rank=env.rank)
         encode_autocast = (torch.autocast(env.device.type, dtype=self.engine.dtype)
                            if self.engine.dtype != torch.float32 else contextlib.nullcontext())
+        counters = StepCounters(env.device, state.nonfinite_skipped, state.nonfinite_in_a_row)
         batches = iter(self.loader)
         self._status("running")
         meter.reset()  # the first window starts here, not at start-up
         started, start_step, exit_code = time.perf_counter(), state.step, 0
-        window_losses: list[torch.Tensor] = []
-        grad_norm = torch.zeros(())
+        pending: PendingStep | None = None
         while state.step < total:
-            losses = []
-            for micro in range(self.accumulation):
-                with meter.waiting_for_data():
-                    batch = next(batches)
-                loss = training_loss(batch, self.engine.module, self.frozen, self.schedule, env.device,
-                                     self.generator, encode_autocast, self.engine.autocast())
-                if state.step in cfg.fault.nan_loss_at_steps:
-                    loss = loss * float("nan")
-                self.engine.backward(loss, last_micro_batch=micro == self.accumulation - 1)
-                losses.append(loss.detach())
-                meter.step_done(cfg.stage.micro_batch)
-            step_loss = torch.stack(losses).mean()
-            if _all_finite(step_loss):
-                grad_norm = self.engine.step()
-                self._update_ema()
-                state.nonfinite_in_a_row = 0
-                window_losses.append(step_loss)
-            else:
-                self.engine.skip_step()
-                state.nonfinite_skipped += 1
-                state.nonfinite_in_a_row += 1
-                if env.is_main:
-                    print(f"step {state.step}: non-finite loss, update skipped "
-                          f"({state.nonfinite_in_a_row} in a row)", flush=True)
+            with meter.waiting_for_data():
+                micro_batches = [next(batches) for _ in range(self.accumulation)]
+            index, lr = state.step, self.engine.lr()
+            outcome = self.optimizer_step(micro_batches, flag.set, encode_autocast)
             state.step += 1
             state.samples_seen += cfg.stage.global_batch
             progress.step(state.step)
-
-            if state.nonfinite_in_a_row >= cfg.checkpoint.max_nonfinite_in_a_row:
+            window_closes = state.step % cfg.tracking.log_every == 0 or state.step == total
+            record = counters.record(index, outcome, lr, window_closes, env.world_size)
+            # The previous step has finished on the device by now (this one is queued behind it): reading
+            # it costs no wait. Its verdict acts here, one step late, on every rank alike.
+            stop = self._apply(pending, meter, progress) if pending else None
+            pending = record
+            sample_due = bool(cfg.tracking.sample_every) and state.step % cfg.tracking.sample_every == 0
+            checkpoint_due = state.step % cfg.checkpoint.every_steps == 0
+            if stop or checkpoint_due or sample_due or state.step == total:
+                stop = self._apply(pending, meter, progress) or stop  # the state is complete before saving
+                pending = None
+            if sample_due:
+                self._log_samples()
+            if stop == "abort":
                 self.save()
                 self._status("failed")
                 if env.is_main:
-                    print(f"aborting: {state.nonfinite_in_a_row} non-finite losses in a row; checkpoint saved",
+                    print(f"aborting: {state.nonfinite_in_a_row} non-finite steps in a row; checkpoint saved",
                           flush=True)
                 exit_code = 1
                 break
-            if state.step % cfg.tracking.log_every == 0 or state.step == total:
-                self._log(window_losses, grad_norm, meter, progress)
-                window_losses = []
-            if cfg.tracking.sample_every and state.step % cfg.tracking.sample_every == 0:
-                self._log_samples()
-            preempted = all_reduce_max(1.0 if flag.set else 0.0, env.device) > 0
-            if preempted or state.step % cfg.checkpoint.every_steps == 0:
+            if stop == "preempt" or checkpoint_due:
                 path = self.save()
                 if state.step == cfg.fault.kill_after_checkpoint_at_step:
                     os.kill(os.getpid(), signal.SIGKILL)
-                if preempted:
+                if stop == "preempt":
                     self._status("preempted")
                     if env.is_main:
                         print(f"pre-emption signal: checkpointed {path}; exiting {REQUEUE_EXIT_CODE} to be requeued",
@@ -230,52 +235,49 @@ class Trainer:
         self.tracker.finish(exit_code)
         return exit_code
 
-    def _log(self, window_losses, grad_norm, meter, progress) -> None:
-        """The only host sync of the loop (besides the finiteness vote): once per log window."""
+    def _log(self, step: int, values: dict, lr: float, meter, progress) -> None:
+        """One log window, from values the device finished a step ago (no wait; the meter's clock then
+        ends the window when its last step has finished, which is what makes img/s right on CUDA)."""
         state = self.state
-        if window_losses:
-            loss = _reduce_mean(torch.stack(window_losses).mean()).item()
-            state.last_loss = loss
-        if self.env.device.type == "cuda":
-            torch.cuda.synchronize()
-        metrics = {"train/loss": state.last_loss, "train/lr": self.engine.lr(),
-                   "train/grad_norm": float(grad_norm), "train/samples_seen": state.samples_seen,
+        if values["window_count"] > 0:  # a window of skipped steps only keeps the last loss
+            state.last_loss = values["loss"]
+        metrics = {"train/loss": state.last_loss, "train/lr": lr, "train/grad_norm": values["grad_norm"],
+                   "train/samples_seen": state.samples_seen - (state.step - step) * self.cfg.stage.global_batch,
                    "train/nonfinite_skipped": state.nonfinite_skipped, **meter.window()}
         for reason, count in self.loader.skip_counts().items():
             metrics[f"data/skipped/{reason}"] = count
         metrics = {k: v for k, v in metrics.items() if v is not None}
-        self.tracker.log(metrics, step=state.step)
-        progress.log(state.step, loss=state.last_loss, lr=metrics["train/lr"],
-                     img_per_s=metrics.get("throughput/img_per_s"))
+        self.tracker.log(metrics, step=step)
+        progress.log(step, loss=state.last_loss, lr=lr, img_per_s=metrics.get("throughput/img_per_s"))
         self._status("running")
-
 
     @torch.no_grad()
     def _log_samples(self, steps: int = 20, scale: float = 3.0) -> None:
-        """A grid from the fixed prompts (DDIM, classifier-free guidance, current raw weights, fixed seeds).
+        """A grid from the fixed prompts (tools/sample.py: DDIM, classifier-free guidance with CLIP(""),
+        seeds 0..n-1) with the current raw weights, in the training precision.
 
         Every rank runs it: under FSDP2 and ZeRO-3 the forward pass is collective."""
-        from models.guidance import ClassifierFreeGuidance
-        from models.samplers import ddim_sample, ddim_timesteps, initial_noise
+        from models.guidance import unconditional_context
         from models.tokenizer import CLIPTokenizer
+        from tools.sample import SamplingConfig, SamplingModels, decode, sample_latents
 
         prompts = list(self.cfg.tracking.sample_prompts)
+        res = self.cfg.stage.data.resolution
+        # precision "full": no fp16 autocast of its own; the engine's (bf16) applies around it.
+        sampling = SamplingConfig(sampler="ddim", steps=steps, scale=scale, height=res, width=res, precision="full")
         tokenizer = CLIPTokenizer()
-        device = self.env.device
-        context = self.frozen.text_encoder(tokenizer(prompts).to(device)).float()
-        uncond = self.frozen.text_encoder(tokenizer([""]).to(device)).float()
+        models = SamplingModels(self.engine.unet, self.frozen.vae, self.frozen.text_encoder, tokenizer,
+                                self.schedule.alphas_cumprod.detach().cpu().float(),
+                                unconditional_context(tokenizer, self.frozen.text_encoder), self.env.device,
+                                f"raw weights at step {self.state.step}")
         self.engine.unet.eval()
         try:
             with self.engine.autocast():
-                guided = ClassifierFreeGuidance(self.engine.module, uncond, scale)
-                latent = self.cfg.stage.data.resolution // self.sd_cfg.vae.downsample_factor
-                x = initial_noise(range(len(prompts)), (self.sd_cfg.unet.in_channels, latent, latent)).to(device)
-                z = ddim_sample(guided, x, ddim_timesteps(steps), context,
-                                alphas_cumprod=self.schedule.alphas_cumprod)
-            images = self.frozen.vae.decode_latents(z)
+                z = sample_latents(models, prompts, range(len(prompts)), sampling, unet_forward=self.engine.module)
+            images = decode(models, z, sampling)
         finally:
             self.engine.unet.train()
-        self.tracker.log_images("samples", ((images.float() + 1) / 2).clamp(0, 1).cpu(), prompts, self.state.step)
+        self.tracker.log_images("samples", images.cpu(), prompts, self.state.step)
 
 
 def run(cfg: TrainConfig, config_dict: dict) -> int:

@@ -11,10 +11,13 @@ from torch import nn
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def build_optimizer(params, optim_cfg) -> torch.optim.AdamW:
-    """AdamW with SD v1's settings (lr 1e-4, betas 0.9/0.999, eps 1e-8, weight decay 0.01)."""
+def build_optimizer(params, optim_cfg, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW with SD v1's settings (lr 1e-4, betas 0.9/0.999, eps 1e-8, weight decay 0.01).
+
+    `fused`: one kernel per parameter group and, what the loop needs, `found_inf` support: the update
+    is skipped on the device (parameters, moments and step count untouched) without a host decision."""
     return torch.optim.AdamW(params, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
-                             eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay)
+                             eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay, fused=fused or None)
 
 
 def compile_in_place(modules, backend: str = "inductor") -> None:
@@ -51,12 +54,10 @@ class Engine(ABC):
         """Accumulate gradients; the gradient all-reduce happens only on the last micro-batch."""
 
     @abstractmethod
-    def step(self) -> torch.Tensor:
-        """Clip (if configured), optimiser step, LR step, zero the gradients; returns the grad norm."""
-
-    @abstractmethod
-    def skip_step(self) -> None:
-        """Drop the accumulated gradients without updating (non-finite loss)."""
+    def step(self, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip (if configured), optimiser step, LR step, zero the gradients. `skip` (0/1 on the device,
+        equal on every rank) drops the update; so does a non-finite gradient norm. Returns the grad norm
+        and whether the update was skipped, both as device tensors: nothing here waits for the device."""
 
     @abstractmethod
     def named_trainable(self) -> dict[str, torch.Tensor]:

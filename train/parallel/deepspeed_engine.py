@@ -83,16 +83,20 @@ class DeepSpeedEngine(Engine):
         if not last_micro_batch:
             self.ds.step()
 
-    def step(self):
+    def step(self, skip):
+        # DeepSpeed's step reads the device itself (overflow checks, norms), so reading the vote here costs
+        # nothing extra; its engine has no device-side skip to hand the vote to.
+        if skip.item():
+            # Drop the accumulated gradients and count the micro-step DeepSpeed would have counted, so its
+            # accumulation boundaries stay aligned with ours.
+            self.ds.zero_grad()
+            self.ds.micro_steps += 1
+            self.scheduler.step()  # as the torch engines: the LR follows the step count
+            return torch.full((), float("nan"), device=skip.device), torch.ones((), device=skip.device)
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
-        return torch.as_tensor(0.0 if norm is None else float(norm))
-
-    def skip_step(self):
-        # Drop the accumulated gradients and count the micro-step DeepSpeed would have counted, so its
-        # accumulation boundaries stay aligned with ours.
-        self.ds.zero_grad()
-        self.ds.micro_steps += 1
+        norm = torch.as_tensor(0.0 if norm is None else float(norm), device=skip.device)
+        return norm, torch.zeros((), device=skip.device)
 
     def named_trainable(self):
         # The EMA follows DeepSpeed's working copy (bf16 under bf16; the fp32 master lives in the optimiser's

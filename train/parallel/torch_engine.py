@@ -15,7 +15,7 @@ from .base import Engine, build_optimizer
 
 class TorchEngine(Engine):
     def _setup_optimizer(self, lr_offset: int) -> None:
-        self.optimizer = build_optimizer(self.unet.parameters(), self.cfg.optim)
+        self.optimizer = build_optimizer(self.unet.parameters(), self.cfg.optim, fused=True)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim.warmup_steps, self.cfg.optim.warmup_start,
                                          lr_offset)
         # Loss scaling only for fp16; bf16 and fp32 need none.
@@ -33,17 +33,20 @@ class TorchEngine(Engine):
         with self._gradient_sync(last_micro_batch):
             self.scaler.scale(loss / self.accumulation).backward()
 
-    def step(self):
-        self.scaler.unscale_(self.optimizer)
+    def step(self, skip):
+        self.scaler.unscale_(self.optimizer)  # fp16: unscaled gradients, and the scaler's own overflow check
         norm = self.clip(self.unet.parameters())
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        # The norm is the same on every rank (taken after the gradient reduction), so this stays collective.
+        skipped = torch.maximum(skip.float(), (~torch.isfinite(norm)).float())
+        self.optimizer.found_inf = skipped  # read by the fused AdamW kernel: a device-side skip
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+        self.scaler.update()  # fp16: halves the scale after an overflow, grows it after enough clean steps
+        self.scheduler.step()  # the LR follows the step count, skipped steps included
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
-
-    def skip_step(self):
-        self.optimizer.zero_grad(set_to_none=True)
+        return norm, skipped
 
     def named_trainable(self):
         return dict(self.unet.named_parameters())

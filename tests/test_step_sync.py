@@ -1,0 +1,139 @@
+"""The training step never waits for the device, and its device-side skip is exact.
+
+On CUDA, reading a value the step computed (`.item()`, `float(t)`, `bool(t)`) stalls the host until the
+device's queue drains. Every such read goes through one dispatcher op, `aten._local_scalar_dense`, on
+any device, so a dispatch mode sees each one on the CPU too: inside the optimiser step there must be
+none. (Blocking host-to-device copies are the other stall; the loader pins memory on CUDA and the step
+copies with non_blocking=True, which only a GPU can check: bench/gpu_run.sh runs the trainer's step
+under torch.cuda.set_sync_debug_mode("error").)
+"""
+from __future__ import annotations
+
+import contextlib
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from data.synth import write_synthetic_shards
+from train.distributed import DistEnv
+from train.main import CONF_DIR, to_dataclass
+
+HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
+              torch.ops.aten.is_nonzero.default}
+
+
+class HostReads(TorchDispatchMode):
+    """Records every op that hands a tensor's value to Python."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            # Where it happened: the innermost frame of this project (not torch's).
+            frames = [f for f in traceback.extract_stack() if "site-packages" not in f.filename
+                      and "/torch/" not in f.filename and f.filename != __file__]
+            self.reads.append(f"{func} at {frames[-1].filename}:{frames[-1].lineno}" if frames else str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_detector_sees_the_usual_host_reads():
+    t = torch.tensor([1.5])
+    with HostReads() as mode:
+        float(t), bool(t > 0), t.item(), int(t.sum())  # noqa: B018
+    assert len(mode.reads) == 4 and all(r.startswith("aten.") for r in mode.reads)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    write_synthetic_shards(out, num_shards=2, samples_per_shard=16, image_size=64, seed=0)
+    return f"{out}/{{00000..00001}}.tar"
+
+
+@contextlib.contextmanager
+def _one_rank_group(backend: str):
+    """FSDP2 needs a process group even for one rank."""
+    if backend != "fsdp":
+        yield
+        return
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _trainer(tmp_path, shards, *overrides):
+    from train.trainer import Trainer
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"stage.data.shards='{shards}'", f"run.dir={tmp_path / 'run'}",
+                                           "stage.data.num_workers=0", "cluster.gpus_per_node=1",
+                                           "stage.global_batch=4", *overrides])
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    return Trainer(to_dataclass(cfg), env, OmegaConf.to_container(cfg, resolve=True))
+
+
+def _steps(trainer, n):
+    """n optimiser steps as the loop runs them. The batches are drawn first: the loader is host-side
+    data work (its workers' reads are not the step's)."""
+    batches = iter(trainer.loader)
+    plan = [[next(batches) for _ in range(trainer.accumulation)] for _ in range(n)]
+    for micro in plan:
+        yield trainer.optimizer_step(micro, preempt_requested=False, encode_autocast=contextlib.nullcontext())
+        trainer.state.step += 1
+
+
+@pytest.mark.parametrize("backend,precision", [("ddp", "fp32"), ("ddp", "fp16"), ("fsdp", "bf16")])
+def test_the_optimizer_step_reads_nothing_back(tmp_path, shards, backend, precision):
+    with _one_rank_group(backend):
+        trainer = _trainer(tmp_path, shards, f"backend={backend}", f"parallel.precision={precision}",
+                           "stage.micro_batch=2", "fault.nan_loss_at_steps=[2]")  # accumulation 2, one skip
+        assert trainer.accumulation == 2
+        steps = _steps(trainer, 4)
+        first = next(steps)  # draws the batches
+        with HostReads() as mode:
+            outcomes = [first, *steps]
+        assert mode.reads == [], f"{len(mode.reads)} host reads in 4 steps: {sorted(set(mode.reads))}"
+        assert [float(o.skipped) for o in outcomes] == [0.0, 0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+def test_a_skipped_step_leaves_weights_moments_and_ema_bit_identical(tmp_path, shards, backend):
+    with _one_rank_group(backend):
+        trainer = _trainer(tmp_path, shards, f"backend={backend}", "parallel.precision=fp32",
+                           "fault.nan_loss_at_steps=[1]")
+        steps = _steps(trainer, 3)
+        next(steps)
+
+        def snapshot():
+            local = lambda t: (t.to_local() if hasattr(t, "to_local") else t).detach().clone()  # noqa: E731
+            params = {n: local(p) for n, p in trainer.engine.unet.named_parameters()}
+            moments = {n: {k: local(v) for k, v in trainer.engine.optimizer.state[p].items()}
+                       for n, p in trainer.engine.unet.named_parameters()}
+            ema = {n: t.clone() for n, t in trainer.ema.shadow.items()}
+            return params, moments, ema, trainer.ema.num_updates, trainer.engine.lr()
+
+        before = snapshot()
+        assert float(next(steps).skipped) == 1.0
+        after = snapshot()
+        for a, b in zip(before[:3], after[:3]):
+            assert a.keys() == b.keys()
+            for name in a:
+                if isinstance(a[name], dict):
+                    assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
+                else:
+                    assert torch.equal(a[name], b[name]), name
+        assert before[3] == after[3] == 1  # the EMA counts updates, not steps
+        assert after[4] != before[4]  # the LR schedule follows the step count (warm-up goes on)
+        assert float(next(steps).skipped) == 0.0
+        moved = snapshot()
+        assert moved[3] == 2
+        assert any(not torch.equal(before[0][n], moved[0][n]) for n in before[0])
