@@ -1,22 +1,38 @@
 #!/usr/bin/env bash
-# The whole GPU measurement for one device session (H100/H200, <= 9 minutes): our UNet training step
-# against diffusers' at 512 and 256 px: eager baselines, then each side's best settings
-# (bf16 autocast, SDPA, channels-last, torch.compile per block), then our selective activation
-# checkpointing at a micro-batch that needs it.
-# Needs the carried wheels in .whl/ (diffusers, importlib_metadata; the GPU image has torch and the hub client).
-# Results land in $OUT/<phase>/unet_step.{json,md}; $OUT/log.txt has everything printed.
+# The whole GPU measurement for one device session (H100/H200, <= 9 minutes), in order of what the
+# open questions need (bench/RESULTS.md):
+#   1. the trainer's own step (Trainer.optimizer_step: vote, fused AdamW skip, EMA, one-step-late read)
+#      at 512/b32 compiled + channels-last, under torch.cuda.set_sync_debug_mode("error"): proves the
+#      step has no host sync, and gives trainer / bare-UNet-step throughput;
+#   2. the reference cluster's per-GPU batch (SD's 2048 over 256 GPUs = 8 images per GPU per step) at
+#      256 and 512, compiled per block with and without CUDA graphs (mode reduce-overhead): small steps
+#      are where launch overhead shows;
+#   3. diffusers compiled at 256/b128 against ours (missing from the last session);
+#   4. selective activation checkpointing at 512/b64 (peak memory).
+# Needs the carried wheels in .whl/ (diffusers, importlib_metadata) unless diffusers imports already.
+# Results land in $OUT/<phase>/*.{json,md}; $OUT/log.txt has everything printed.
+# CPU dry run of the same script (tiny model, minutes): DEV=cpu ARCH=tiny L256=8 L512=8 OUT=/tmp/b bash bench/gpu_run.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+DEV=${DEV:-cuda} ARCH=${ARCH:-sd-v1} L256=${L256:-32} L512=${L512:-64}
+mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD || exit 1
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+if ! python3 -c "import diffusers" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:$PWD || exit 1
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+if [ "$DEV" = cuda ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+fi
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
-B="python3 bench/unet_step.py --device cuda --arch sd-v1 --dtype bf16 --steps 5 --warmup 2"
+B="python3 bench/unet_step.py --device $DEV --arch $ARCH --dtype bf16 --steps 5 --warmup 2"
 START=$SECONDS
-$B --latent 64 --batch 32 --budget-s 60 --out "$OUT/eager512"
-$B --latent 64 --batch 32 --compile yes --channels-last yes --budget-s 200 --out "$OUT/best512"
-$B --latent 32 --batch 128 --compile yes --channels-last yes --budget-s 120 --out "$OUT/best256"
-$B --latent 64 --batch 64,96 --impl ours --ac selective,full --compile yes --channels-last yes --budget-s 100 \
+python3 bench/trainer_step.py --device "$DEV" --arch "$ARCH" --latent "$L512" --batch 32 --compile --channels-last \
+    --steps 5 --warmup 3 --out "$OUT/trainer512"
+$B --latent "$L256,$L512" --batch 8 --impl ours --compile yes --channels-last yes \
+    --compile-mode default,reduce-overhead --budget-s 200 --out "$OUT/b8"
+$B --latent "$L256" --batch 128 --compile yes --channels-last yes --budget-s 120 --out "$OUT/best256"
+$B --latent "$L512" --batch 64 --impl ours --ac selective --compile yes --channels-last yes --budget-s 60 \
     --out "$OUT/ac512"
 echo "total ${SECONDS}s since the first measurement started: $((SECONDS - START))s"

@@ -192,7 +192,8 @@ def main(argv=None) -> int:
                      f"| {r.syncs} | {r.status} |")
     md = f"device: {name}, torch {torch.__version__}\n\n" + "\n".join(lines) + "\n"
     (args.out / "trainer_step.md").write_text(md)
-    (args.out / "trainer_step.json").write_text(json.dumps({"device": name, "rows": [asdict(r) for r in rows]}, indent=1))
+    (args.out / "trainer_step.json").write_text(json.dumps({"device": name, "rows": [asdict(r) for r in rows]},
+                                                           indent=1))
     print("\n" + md)
     return 0
 

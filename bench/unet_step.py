@@ -40,6 +40,7 @@ class Result:
     compile: bool
     channels_last: bool
     ac: str
+    compile_mode: str = "default"
     ms_per_step: float = float("nan")
     img_per_s: float = float("nan")
     tflops: float = float("nan")
@@ -48,16 +49,18 @@ class Result:
     status: str = "ok"
 
 
-def build(impl: str, cfg: configs.UNetConfig, device: str, channels_last: bool, compile_: bool, ac: str):
+def build(impl: str, cfg: configs.UNetConfig, device: str, channels_last: bool, compile_: bool, ac: str,
+          mode: str = "default"):
+    mode = None if mode == "default" else mode
     torch.manual_seed(0)
     if impl in ("ours", "ours-whole"):
         with torch.device(device):  # initialise on the device: a CPU init of 860M parameters takes seconds
             model = UNetModel(replace(cfg, activation_checkpointing=ac))
         forward = lambda x, t, c: model(x, t, c)  # noqa: E731
         if compile_ and impl == "ours-whole":
-            model.compile(dynamic=False)  # one graph for the whole UNet, still in place
+            model.compile(dynamic=False, mode=mode)  # one graph for the whole UNet, still in place
         elif compile_:
-            compile_blocks(model)  # what the trainer does with parallel.compile=true
+            compile_blocks(model, mode=mode)  # what the trainer does with parallel.compile=true
     else:
         from diffusers import UNet2DConditionModel
 
@@ -70,10 +73,10 @@ def build(impl: str, cfg: configs.UNetConfig, device: str, channels_last: bool, 
             raise ValueError(f"diffusers has no {ac!r} activation checkpointing")
         forward = lambda x, t, c: model(x, t, encoder_hidden_states=c, return_dict=False)[0]  # noqa: E731
         if compile_ and impl == "diffusers-whole":
-            model.compile(dynamic=False)
+            model.compile(dynamic=False, mode=mode)
         elif compile_:
             # Per block, in place, like ours: the whole-model graph took > 170 s to compile on an H200.
-            compile_in_place([*model.down_blocks, model.mid_block, *model.up_blocks])
+            compile_in_place([*model.down_blocks, model.mid_block, *model.up_blocks], mode=mode)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
@@ -83,7 +86,7 @@ def build(impl: str, cfg: configs.UNetConfig, device: str, channels_last: bool, 
 def measure(res: Result, cfg: configs.UNetConfig, device: str, steps: int, warmup: int, flops_per_img: float,
             peak: float | None) -> Result:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[res.dtype]
-    model, forward = build(res.impl, cfg, device, res.channels_last, res.compile, res.ac)
+    model, forward = build(res.impl, cfg, device, res.channels_last, res.compile, res.ac, res.compile_mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01,
                             **({"fused": True} if device == "cuda" else {}))
     gen = torch.Generator(device).manual_seed(0)
@@ -131,14 +134,15 @@ def table(results: list[Result]) -> str:
     base: dict[tuple, float] = {}  # diffusers' best (per-block or whole-graph compile) for each setting
     for r in results:
         if r.impl.startswith("diffusers") and r.status == "ok":
-            key = (r.arch, r.latent, r.batch, r.dtype, r.compile, r.channels_last, r.ac)
+            key = (r.arch, r.latent, r.batch, r.dtype, r.compile, r.compile_mode, r.channels_last, r.ac)
             base[key] = max(base.get(key, 0.0), r.img_per_s)
     for r in results:
         ratio = ""
-        key = (r.arch, r.latent, r.batch, r.dtype, r.compile, r.channels_last, r.ac)
+        key = (r.arch, r.latent, r.batch, r.dtype, r.compile, r.compile_mode, r.channels_last, r.ac)
         if r.impl.startswith("ours") and key in base:
             ratio = f"{base[key] / r.img_per_s:.3f} / {r.img_per_s / base[key]:.2f}x"
-        lines.append(f"| {r.impl} | {r.arch} | {r.latent} | {r.batch} | {r.dtype} | {r.compile} | {r.channels_last} "
+        compiled = r.compile_mode if r.compile else False
+        lines.append(f"| {r.impl} | {r.arch} | {r.latent} | {r.batch} | {r.dtype} | {compiled} | {r.channels_last} "
                      f"| {r.ac} | {r.ms_per_step:.1f} | {r.img_per_s:.2f} | {r.tflops:.1f} | {r.mfu:.3f} "
                      f"| {r.peak_mem_gib:.1f} | {ratio} | {r.status} |")
     return "\n".join(lines)
@@ -154,6 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--impl", default="ours,diffusers",
                    help="ours / diffusers (compiled per block), ours-whole / diffusers-whole (one graph)")
     p.add_argument("--compile", choices=["no", "yes", "both"], default="no")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile modes, comma-separated: default, reduce-overhead (CUDA graphs), "
+                        "max-autotune-no-cudagraphs, max-autotune")
     p.add_argument("--channels-last", choices=["no", "yes", "both"], default="no")
     p.add_argument("--ac", default="none", help="activation checkpointing policies: none, full, selective (ours)")
     p.add_argument("--steps", type=int, default=10)
@@ -179,9 +186,10 @@ def main(argv=None) -> int:
         print(f"latent {latent}: {flops / 1e9:.1f} GFLOP per image (fwd+bwd)", flush=True)
         for compile_ in flags[args.compile]:
             for cl in flags[args.channels_last]:
-                for ac, batch, impl in itertools.product(args.ac.split(","), map(int, args.batch.split(",")),
-                                                         args.impl.split(",")):
-                    res = Result(impl, args.arch, latent, batch, args.dtype, compile_, cl, ac)
+                modes = args.compile_mode.split(",") if compile_ else ["default"]
+                for mode, ac, batch, impl in itertools.product(modes, args.ac.split(","),
+                                                               map(int, args.batch.split(",")), args.impl.split(",")):
+                    res = Result(impl, args.arch, latent, batch, args.dtype, compile_, cl, ac, mode)
                     if impl.startswith("diffusers") and ac == "selective":
                         continue  # diffusers offers all-or-nothing checkpointing only
                     if time.perf_counter() - start > args.budget_s:

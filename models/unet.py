@@ -243,6 +243,18 @@ class UNetModel(nn.Module):
                                  zero_module(nn.Conv2d(cur, cfg.out_channels, 3, padding=1)))
         for block in self.blocks():
             block.checkpointing = cfg.activation_checkpointing
+        self.memory_format = torch.contiguous_format
+
+    def use_channels_last(self, weights: bool = True) -> "UNetModel":
+        """NHWC convolutions (tensor-core kernels without layout transposes; the transformers' token
+        views become free). The input is converted at every call, which keeps every activation NHWC (a
+        convolution with an NHWC input runs NHWC); `weights` also stores the conv weights NHWC, which
+        saves their per-call conversion but is refused by FSDP2 and DeepSpeed (contiguous tensors only).
+        The same network numerically."""
+        if weights:
+            self.to(memory_format=torch.channels_last)
+        self.memory_format = torch.channels_last
+        return self
 
     def blocks(self) -> list[TimestepEmbedSequential]:
         """The units of checkpointing, per-block compile and FSDP2 sharding, in execution order."""
@@ -252,7 +264,7 @@ class UNetModel(nn.Module):
         """x: (B, C, H, W) noisy latents; timesteps: (B,) ints in [0, T); context: (B, 77, context_dim)."""
         t_emb = timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype)
         emb = self.time_embed(t_emb)
-        h, skips = x, []
+        h, skips = x.contiguous(memory_format=self.memory_format), []
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)

@@ -154,6 +154,8 @@ def test_nonfinite_loss_skips_the_update(tmp_path, shards, backend):
     assert meta["nonfinite_skipped"] == 1
     weights = exported_unet(run_dir)
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    # Trained channels-last (the default), exported in the released files' contiguous layout.
+    assert all(v.is_contiguous() for v in weights.values())
 
 
 def test_nonfinite_losses_in_a_row_abort_with_a_checkpoint(tmp_path, shards):

@@ -59,6 +59,37 @@ def test_matches_diffusers(cfg, size):
     assert rel_err(got, expected) <= 1e-5
 
 
+def test_channels_last_is_the_same_network_against_diffusers():
+    """NHWC memory changes which convolution kernels run, not the function: the channels-last UNet
+    matches diffusers' (NCHW) on the same weights, its activations stay NHWC, and its gradients are
+    those of the contiguous UNet."""
+    cfg = tiny().unet
+    torch.manual_seed(0)
+    theirs = _diffusers_unet(cfg)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.02 if p.ndim > 1 else 0.1)
+    plain, nhwc = _ours_from(theirs, cfg), _ours_from(theirs, cfg).use_channels_last()
+    assert nhwc.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([3, 999]), torch.randn(2, 77, cfg.context_dim)
+    with torch.no_grad():
+        expected = theirs(x, t, encoder_hidden_states=ctx).sample
+    got = nhwc(x, t, ctx)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(got.detach(), expected) <= 1e-5
+    got.square().mean().backward()
+    plain(x, t, ctx).square().mean().backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), nhwc.named_parameters()):
+        assert rel_err(b.grad, a.grad) <= 1e-4 or (a.grad - b.grad).abs().max() <= 1e-7, name
+    # The state dict is the same mapping; export makes it contiguous (train/export.py).
+    assert plain.state_dict().keys() == nhwc.state_dict().keys()
+    # Contiguous weights (FSDP2's case) with NHWC activations: the same again.
+    mixed = _ours_from(theirs, cfg).use_channels_last(weights=False)
+    assert mixed.input_blocks[0][0].weight.is_contiguous()
+    out = mixed(x, t, ctx)
+    assert out.is_contiguous(memory_format=torch.channels_last) and rel_err(out.detach(), expected) <= 1e-5
+
+
 def test_diffusers_round_trip_is_exact():
     cfg = tiny().unet
     ours = UNetModel(cfg).state_dict()

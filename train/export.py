@@ -88,6 +88,10 @@ def export_stage(trainer, out_dir: Path) -> Path | None:
     ema_full = trainer.engine.full_ema_state_dict(trainer.ema.shadow) if trainer.ema is not None else None
     if not trainer.env.is_main:
         return None
+    # Contiguous (NCHW) as the released files: a channels-last UNet's tensors would keep their NHWC strides
+    # through torch.save, and safetensors refuses non-contiguous tensors.
+    full = {k: v.contiguous() for k, v in full.items()}
+    ema_full = {k: v.contiguous() for k, v in ema_full.items()} if ema_full is not None else None
     weights = ldm.LDMWeights(
         unet=full, vae=trainer.frozen.vae.state_dict(), text_encoder=trainer.frozen.text_encoder.state_dict(),
         schedule=trainer.schedule.state_dict(), unet_ema=ema_full,

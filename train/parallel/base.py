@@ -20,18 +20,28 @@ def build_optimizer(params, optim_cfg, fused: bool = False) -> torch.optim.AdamW
                              eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay, fused=fused or None)
 
 
-def compile_in_place(modules, backend: str = "inductor") -> None:
+def place_unet(unet: nn.Module, parallel_cfg, device: torch.device, nhwc_weights: bool = True) -> nn.Module:
+    """On the device and in the configured memory format, before compile and wrapping (both must see
+    the final layout: compiled graphs specialise on strides). `nhwc_weights=False` keeps the weights
+    contiguous (FSDP2, DeepSpeed) while the activations still run NHWC."""
+    unet.to(device)
+    if parallel_cfg.channels_last:
+        unet.use_channels_last(weights=nhwc_weights)
+    return unet
+
+
+def compile_in_place(modules, backend: str = "inductor", mode: str | None = None) -> None:
     """torch.compile each module in place: parameter names keep no `_orig_mod.` prefix. Modules of one
     class share one forward code object, so each distinct shape is one more cache entry: raise dynamo's
-    limit, and keep shapes static."""
+    limit, and keep shapes static. `mode`: inductor's ("reduce-overhead" adds CUDA graphs)."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for module in modules:
-        module.compile(dynamic=False, backend=backend)
+        module.compile(dynamic=False, backend=backend, **({"mode": mode} if mode else {}))
 
 
-def compile_blocks(unet: nn.Module, backend: str = "inductor") -> None:
+def compile_blocks(unet: nn.Module, backend: str = "inductor", mode: str | None = None) -> None:
     """Each UNet block compiled in place, so FSDP2 can shard block by block around the compiled regions."""
-    compile_in_place(unet.blocks(), backend)
+    compile_in_place(unet.blocks(), backend, mode)
 
 
 class Engine(ABC):

@@ -6,14 +6,14 @@ import contextlib
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .base import compile_blocks
+from .base import compile_blocks, place_unet
 from .torch_engine import TorchEngine
 
 
 class DDPEngine(TorchEngine):
     def __init__(self, cfg, unet, env, accumulation: int, lr_offset: int = 0):
         super().__init__(cfg, env, accumulation)
-        unet.to(env.device)
+        place_unet(unet, cfg.parallel, env.device)
         if cfg.parallel.compile:
             compile_blocks(unet, cfg.parallel.compile_backend)
         self.unet = unet

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from train.lr import build_scheduler
 
-from .base import Engine, build_optimizer, compile_blocks
+from .base import Engine, build_optimizer, compile_blocks, place_unet
 
 TAG = "ds"
 
@@ -55,7 +55,7 @@ class DeepSpeedEngine(Engine):
         deepspeed = _import_deepspeed()
         if not dist.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if env.device.type == "cuda" else "gloo")
-        unet.to(env.device)
+        place_unet(unet, cfg.parallel, env.device, nhwc_weights=False)  # it views parameters as flat bytes
         if cfg.parallel.compile:
             compile_blocks(unet, cfg.parallel.compile_backend)
         optimizer = build_optimizer(unet.parameters(), cfg.optim)

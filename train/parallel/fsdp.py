@@ -10,7 +10,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from . import dcp_io
-from .base import compile_blocks
+from .base import compile_blocks, place_unet
 from .torch_engine import TorchEngine
 
 
@@ -35,7 +35,7 @@ class FSDPEngine(TorchEngine):
         if not torch.distributed.is_initialized():
             raise RuntimeError("backend=fsdp needs torch.distributed: start with torchrun (python -m launch torchrun) "
                                "or use backend=ddp for a single process")
-        unet.to(env.device)
+        place_unet(unet, cfg.parallel, env.device, nhwc_weights=False)  # fully_shard takes contiguous tensors only
         self.module = self.unet = parallelize_unet(unet, env.device.type, env.world_size, self.dtype,
                                                    cfg.parallel.reshard_after_forward,
                                                    cfg.parallel.compile_backend if cfg.parallel.compile else None)
