@@ -9,7 +9,12 @@
 #      are where launch overhead shows;
 #   3. diffusers compiled at 256/b128 against ours (missing from the last session);
 #   4. selective activation checkpointing at 512/b64 (peak memory).
-# Needs the carried wheels in .whl/ (diffusers, importlib_metadata) unless diffusers imports already.
+# The device image has torch but not these: carry them as wheels in .whl/ (git-excluded), made here with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata==10.2.0 \
+#       hydra-core==1.3.8 omegaconf==2.3.1 braceexpand==0.1.7
+#   pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3     # sdist only on PyPI; pure Python
+# (not huggingface_hub: the image's transformers needs its own 1.x).
 # Results land in $OUT/<phase>/*.{json,md}; $OUT/log.txt has everything printed.
 # CPU dry run of the same script (tiny model, minutes): DEV=cpu ARCH=tiny L256=8 L512=8 OUT=/tmp/b bash bench/gpu_run.sh
 set -uo pipefail
@@ -17,7 +22,7 @@ export PYTHONUNBUFFERED=1
 DEV=${DEV:-cuda} ARCH=${ARCH:-sd-v1} L256=${L256:-32} L512=${L512:-64}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
-if ! python3 -c "import diffusers" 2>/dev/null; then
+if ! python3 -c "import diffusers, hydra, omegaconf, braceexpand" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site:$PWD || exit 1
 fi
