@@ -4,6 +4,7 @@
 #   1. the trainer's own step (Trainer.optimizer_step: vote, fused AdamW skip, EMA, one-step-late read)
 #      at 512/b32 compiled + channels-last, under torch.cuda.set_sync_debug_mode("error"): proves the
 #      step has no host sync, and gives trainer / bare-UNet-step throughput;
+#   1b. where the compiled 512/b32 step's device time goes, ours and diffusers (bench/profile_step.py);
 #   2. the reference cluster's per-GPU batch (SD's 2048 over 256 GPUs = 8 images per GPU per step) at
 #      256 and 512, compiled per block with and without CUDA graphs (mode reduce-overhead): small steps
 #      are where launch overhead shows;
@@ -35,6 +36,8 @@ B="python3 bench/unet_step.py --device $DEV --arch $ARCH --dtype bf16 --steps 5 
 START=$SECONDS
 python3 bench/trainer_step.py --device "$DEV" --arch "$ARCH" --latent "$L512" --batch 32 --compile --channels-last \
     --steps 5 --warmup 3 --out "$OUT/trainer512"
+$B --latent "$L512" --batch 32 --impl ours,diffusers --compile yes --channels-last yes --profile --budget-s 100 \
+    --out "$OUT/profile512"
 $B --latent "$L256,$L512" --batch 8 --impl ours --compile yes --channels-last yes \
     --compile-mode default,reduce-overhead --budget-s 200 --out "$OUT/b8"
 $B --latent "$L256" --batch 128 --compile yes --channels-last yes --budget-s 120 --out "$OUT/best256"

@@ -84,7 +84,9 @@ def build(impl: str, cfg: configs.UNetConfig, device: str, channels_last: bool, 
 
 
 def measure(res: Result, cfg: configs.UNetConfig, device: str, steps: int, warmup: int, flops_per_img: float,
-            peak: float | None) -> Result:
+            peak: float | None, profile_to: Path | None = None) -> Result:
+    """Times `steps` steps after `warmup`; `profile_to`: then profiles 2 more and appends the breakdown
+    by kernel kind (bench/profile_step.py) to that Markdown file."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[res.dtype]
     model, forward = build(res.impl, cfg, device, res.channels_last, res.compile, res.ac, res.compile_mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01,
@@ -123,6 +125,13 @@ def measure(res: Result, cfg: configs.UNetConfig, device: str, steps: int, warmu
     res.mfu = res.tflops / peak if peak else float("nan")
     if device == "cuda":
         res.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
+    if profile_to is not None:
+        from bench.profile_step import profile_step, to_markdown
+
+        title = (f"{res.impl}, latent {res.latent}, batch {res.batch}, {res.dtype}, compile "
+                 f"{res.compile_mode if res.compile else 'no'}, channels-last {res.channels_last}, AC {res.ac}")
+        with profile_to.open("a") as f:
+            f.write(to_markdown(profile_step(step, device), title) + "\n")
     del model, opt
     return res
 
@@ -163,6 +172,8 @@ def main(argv=None) -> int:
                         "max-autotune-no-cudagraphs, max-autotune")
     p.add_argument("--channels-last", choices=["no", "yes", "both"], default="no")
     p.add_argument("--ac", default="none", help="activation checkpointing policies: none, full, selective (ours)")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile 2 steps: device time by kernel kind into OUT/profile.md")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=float("inf"), help="skip what is left after this long")
@@ -196,7 +207,8 @@ def main(argv=None) -> int:
                         res.status = "skipped (time budget)"
                     else:
                         try:
-                            measure(res, cfg, args.device, args.steps, args.warmup, flops, peak)
+                            measure(res, cfg, args.device, args.steps, args.warmup, flops, peak,
+                                    args.out / "profile.md" if args.profile else None)
                         except torch.OutOfMemoryError:
                             res.status = "OOM"
                         except Exception as err:  # one failed configuration must not lose the others

@@ -19,12 +19,15 @@ def _run(tmp_path, script, *args):
 
 
 def test_unet_step_bench_measures_ours_and_diffusers(tmp_path):
-    _run(tmp_path, "unet_step.py", "--impl", "ours,diffusers", "--channels-last", "both", "--dtype", "fp32")
+    _run(tmp_path, "unet_step.py", "--impl", "ours,diffusers", "--channels-last", "both", "--dtype", "fp32",
+         "--profile")
     results = json.loads((tmp_path / "unet_step.json").read_text())["results"]
     assert {(r["impl"], r["channels_last"]) for r in results} == {(i, c) for i in ("ours", "diffusers")
                                                                    for c in (False, True)}
     assert all(r["status"] == "ok" and math.isfinite(r["img_per_s"]) for r in results), results
     assert "ours/diffusers" in (tmp_path / "unet_step.md").read_text()
+    profile = (tmp_path / "profile.md").read_text()  # one breakdown per measured row
+    assert profile.count("### ") == 4 and "| convolution |" in profile and "| attention |" in profile
 
 
 def test_trainer_step_bench_runs_the_trainers_step(tmp_path):
@@ -33,3 +36,26 @@ def test_trainer_step_bench_runs_the_trainers_step(tmp_path):
     assert len(rows) == 1 and rows[0]["status"] == "ok", rows
     assert math.isfinite(rows[0]["img_per_s"]) and math.isfinite(rows[0]["bare_img_per_s"])
     assert rows[0]["syncs"] == "not checked (CPU)"  # the sync check needs CUDA (tests/test_step_sync.py covers CPU)
+
+
+def test_profile_groups_kernel_names_by_what_they_do():
+    from bench.profile_step import category
+
+    names = {
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "convolution",
+        "sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "convolution",
+        "aten::convolution_backward": "convolution",
+        "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>": "copy / layout",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1": "matmul",
+        "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_32x32_128x2_tn_align8>": "matmul",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4>>": "attention",
+        "fmha_cutlassB_bf16_aligned_64x64_k64_sm80": "attention",
+        "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+        "triton_per_fused_native_group_norm_silu_0": "compiled (triton)",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
+        "ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "communication",
+        "void at::native::(anonymous namespace)::native_group_norm_kernel<float>": "norm",
+        "void at::native::direct_copy_kernel_cuda": "copy / layout",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel>": "other",
+    }
+    assert {n: category(n) for n in names} == names
