@@ -2,8 +2,9 @@
 # The whole GPU measurement for one device session (H100/H200, <= 9 minutes), in order of what the
 # open questions need (bench/RESULTS.md):
 #   1. the trainer's own step (Trainer.optimizer_step: vote, fused AdamW skip, EMA, one-step-late read)
-#      at 512/b32 compiled + channels-last, under torch.cuda.set_sync_debug_mode("error"): proves the
-#      step has no host sync, and gives trainer / bare-UNet-step throughput;
+#      at 512/b32 compiled + channels-last, DDP and FSDP2 (one rank), under
+#      torch.cuda.set_sync_debug_mode("error"): proves the step has no host sync, and gives trainer /
+#      bare-UNet-step throughput;
 #   1b. where the compiled 512/b32 step's device time goes, ours and diffusers (bench/profile_step.py);
 #   2. the reference cluster's per-GPU batch (SD's 2048 over 256 GPUs = 8 images per GPU per step) at
 #      256 and 512, compiled per block with and without CUDA graphs (mode reduce-overhead): small steps
@@ -35,7 +36,7 @@ python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffuser
 B="python3 bench/unet_step.py --device $DEV --arch $ARCH --dtype bf16 --steps 5 --warmup 2"
 START=$SECONDS
 python3 bench/trainer_step.py --device "$DEV" --arch "$ARCH" --latent "$L512" --batch 32 --compile --channels-last \
-    --steps 5 --warmup 3 --out "$OUT/trainer512"
+    --backend ddp,fsdp --steps 5 --warmup 3 --out "$OUT/trainer512"
 $B --latent "$L512" --batch 32 --impl ours,diffusers --compile yes --channels-last yes --profile --budget-s 100 \
     --out "$OUT/profile512"
 $B --latent "$L256,$L512" --batch 8 --impl ours --compile yes --channels-last yes \

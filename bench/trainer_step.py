@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import sys
@@ -33,6 +34,7 @@ from train.flops import peak_tflops, unet_train_flops_per_image  # noqa: E402
 
 @dataclass
 class TrainerResult:
+    backend: str
     latent: int
     batch: int
     dtype: str
@@ -49,7 +51,7 @@ class TrainerResult:
     status: str = "ok"
 
 
-def build_trainer(args, latent: int, batch: int, run_dir: Path):
+def build_trainer(args, backend: str, latent: int, batch: int, run_dir: Path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -57,7 +59,7 @@ def build_trainer(args, latent: int, batch: int, run_dir: Path):
     from train.main import CONF_DIR, to_dataclass
     from train.trainer import Trainer
 
-    overrides = [f"model.arch={args.arch}", "backend=ddp", f"parallel.precision={args.dtype}",
+    overrides = [f"model.arch={args.arch}", f"backend={backend}", f"parallel.precision={args.dtype}",
                  f"parallel.compile={str(args.compile).lower()}",
                  f"parallel.channels_last={str(args.channels_last).lower()}",
                  f"model.activation_checkpointing={args.ac}", f"stage.micro_batch={batch}",
@@ -75,6 +77,22 @@ def build_trainer(args, latent: int, batch: int, run_dir: Path):
     return Trainer(to_dataclass(cfg), env, OmegaConf.to_container(cfg, resolve=True))
 
 
+@contextlib.contextmanager
+def one_rank_group(backend: str, device: str):
+    """FSDP2 needs a process group, even of one rank (DDP without one is the plain module)."""
+    import torch.distributed as dist
+
+    if backend != "fsdp":
+        yield
+        return
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1, store=dist.HashStore(),
+                            **({"device_id": torch.device("cuda", 0)} if device == "cuda" else {}))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def synthetic_batch(trainer, latent: int, batch: int) -> dict:
     """What the loader yields for precomputed shards, in pinned memory on CUDA as the trainer's loader."""
     gen = torch.Generator().manual_seed(0)
@@ -90,7 +108,7 @@ def measure_trainer(res: TrainerResult, args, flops_per_img: float, peak: float 
 
     cuda = args.device == "cuda"
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_trainer(args, res.latent, res.batch, Path(tmp))
+        trainer = build_trainer(args, res.backend, res.latent, res.batch, Path(tmp))
         batch = synthetic_batch(trainer, res.latent, res.batch)
         counters = StepCounters(trainer.env.device)
         encode_autocast = (torch.autocast(trainer.env.device.type, dtype=trainer.engine.dtype)
@@ -154,6 +172,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--ac", default="none", choices=["none", "full", "selective"])
+    p.add_argument("--backend", default="ddp",
+                   help="ddp and/or fsdp (comma-separated); FSDP2 runs on a one-rank process group, which "
+                        "shows its own overhead (hooks, per-block all-gathers of one shard, contiguous weights)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/out")))
@@ -169,10 +190,11 @@ def main(argv=None) -> int:
     print(f"device: {name}; torch {torch.__version__}; {flops / 1e9:.1f} GFLOP per image", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for batch in map(int, args.batch.split(",")):
-        res = TrainerResult(args.latent, batch, args.dtype, args.compile, args.channels_last, args.ac)
+    for backend, batch in itertools.product(args.backend.split(","), map(int, args.batch.split(","))):
+        res = TrainerResult(backend, args.latent, batch, args.dtype, args.compile, args.channels_last, args.ac)
         try:
-            measure_trainer(res, args, flops, peak)
+            with one_rank_group(backend, args.device):
+                measure_trainer(res, args, flops, peak)
             bare = measure(Result("ours", args.arch, args.latent, batch, args.dtype, args.compile, args.channels_last,
                                   args.ac), cfg, args.device, args.steps, args.warmup, flops, peak)
             res.bare_img_per_s = bare.img_per_s
@@ -183,10 +205,10 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
         rows.append(res)
         print(json.dumps(asdict(res)), flush=True)
-    lines = ["| latent | batch | dtype | compile | ch-last | AC | ms/step | img/s | MFU | peak GiB | read wait ms "
-             "| bare UNet step img/s | trainer / bare | syncs | status |", "|" + "---|" * 15]
+    lines = ["| backend | latent | batch | dtype | compile | ch-last | AC | ms/step | img/s | MFU | peak GiB | read wait ms "
+             "| bare UNet step img/s | trainer / bare | syncs | status |", "|" + "---|" * 16]
     for r in rows:
-        lines.append(f"| {r.latent} | {r.batch} | {r.dtype} | {r.compile} | {r.channels_last} | {r.ac} "
+        lines.append(f"| {r.backend} | {r.latent} | {r.batch} | {r.dtype} | {r.compile} | {r.channels_last} | {r.ac} "
                      f"| {r.ms_per_step:.1f} | {r.img_per_s:.2f} | {r.mfu:.3f} | {r.peak_mem_gib:.1f} "
                      f"| {r.read_wait_ms:.2f} | {r.bare_img_per_s:.2f} | {r.img_per_s / r.bare_img_per_s:.3f} "
                      f"| {r.syncs} | {r.status} |")
