@@ -28,27 +28,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.unet_step import Result, measure  # noqa: E402
+from bench.unet_step import Result, measure, time_steps  # noqa: E402
 from train.flops import peak_tflops, unet_train_flops_per_image  # noqa: E402
 
 
 @dataclass
-class TrainerResult:
-    backend: str
-    latent: int
-    batch: int
-    dtype: str
-    compile: bool
-    channels_last: bool
-    ac: str
-    ms_per_step: float = float("nan")
-    img_per_s: float = float("nan")
-    mfu: float = float("nan")
-    peak_mem_gib: float = float("nan")
+class TrainerResult(Result):
+    """bench/unet_step.py's row for the trainer's step (impl "trainer"), and what only it has."""
+
+    backend: str = "ddp"
     read_wait_ms: float = float("nan")  # per step, in the one-step-late read
     syncs: str = "not checked (CPU)"
     bare_img_per_s: float = float("nan")  # bench/unet_step.py's step, same settings, same run
-    status: str = "ok"
 
 
 def build_trainer(args, backend: str, latent: int, batch: int, run_dir: Path):
@@ -113,10 +104,10 @@ def measure_trainer(res: TrainerResult, args, flops_per_img: float, peak: float 
         counters = StepCounters(trainer.env.device)
         encode_autocast = (torch.autocast(trainer.env.device.type, dtype=trainer.engine.dtype)
                            if trainer.engine.dtype != torch.float32 else contextlib.nullcontext())
-        pending, waited = None, 0.0
+        pending, waits = None, []
 
         def step(check_syncs: bool):
-            nonlocal pending, waited
+            nonlocal pending
             if check_syncs:
                 torch.cuda.set_sync_debug_mode("error")
             try:
@@ -129,20 +120,13 @@ def measure_trainer(res: TrainerResult, args, flops_per_img: float, peak: float 
             if pending is not None:
                 start = time.perf_counter()
                 pending.read.result()  # the loop's one deliberate wait: for the step before this one
-                waited += time.perf_counter() - start
+                waits.append(time.perf_counter() - start)
             pending = record
 
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        for _ in range(args.warmup):
-            step(check_syncs=False)  # first steps: compilation, lazy optimiser state
-        sync = torch.cuda.synchronize if cuda else (lambda: None)
-        sync()
-        waited = 0.0
-        start = time.perf_counter()
         try:
-            for _ in range(args.steps):
-                step(check_syncs=cuda)
+            # Warm-up steps (compilation, lazy optimiser state) run without the sync check.
+            per_step = time_steps(lambda: step(check_syncs=cuda), args.steps, args.warmup, args.device,
+                                  warmup_step=lambda: step(check_syncs=False))
             res.syncs = "none" if cuda else res.syncs
         except RuntimeError as err:
             if "synchroniz" not in str(err):
@@ -150,14 +134,8 @@ def measure_trainer(res: TrainerResult, args, flops_per_img: float, peak: float 
             res.syncs = f"SYNC: {str(err).splitlines()[0][:100]}"
             res.status = "host sync in the step"
             return res
-        sync()
-        elapsed = (time.perf_counter() - start) / args.steps
-        res.ms_per_step = elapsed * 1e3
-        res.img_per_s = res.batch / elapsed
-        res.mfu = res.img_per_s * flops_per_img / 1e12 / peak if peak else float("nan")
-        res.read_wait_ms = waited / args.steps * 1e3
-        if cuda:
-            res.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
+        res.record_rates(per_step, flops_per_img, peak, args.device)
+        res.read_wait_ms = sum(waits[-args.steps:]) / args.steps * 1e3
         del trainer
     return res
 
@@ -191,7 +169,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for backend, batch in itertools.product(args.backend.split(","), map(int, args.batch.split(","))):
-        res = TrainerResult(backend, args.latent, batch, args.dtype, args.compile, args.channels_last, args.ac)
+        res = TrainerResult("trainer", args.arch, args.latent, batch, args.dtype, args.compile, args.channels_last,
+                            args.ac, backend=backend)
         try:
             with one_rank_group(backend, args.device):
                 measure_trainer(res, args, flops, peak)

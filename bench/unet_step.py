@@ -48,6 +48,30 @@ class Result:
     peak_mem_gib: float = float("nan")
     status: str = "ok"
 
+    def record_rates(self, seconds_per_step: float, flops_per_img: float, peak: float | None, device: str) -> None:
+        self.ms_per_step = seconds_per_step * 1e3
+        self.img_per_s = self.batch / seconds_per_step
+        self.tflops = flops_per_img * self.img_per_s / 1e12
+        self.mfu = self.tflops / peak if peak else float("nan")
+        if device == "cuda":
+            self.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
+
+
+def time_steps(step, steps: int, warmup: int, device: str, warmup_step=None) -> float:
+    """Seconds per step over `steps` calls of `step`, after `warmup` calls of `warmup_step` (default:
+    `step`); the device is synchronised around the timed calls and its peak memory counter reset first."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup):
+        (warmup_step or step)()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return (time.perf_counter() - start) / steps
+
 
 def build(impl: str, cfg: configs.UNetConfig, device: str, channels_last: bool, compile_: bool, ac: str,
           mode: str = "default"):
@@ -108,23 +132,7 @@ def measure(res: Result, cfg: configs.UNetConfig, device: str, steps: int, warmu
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(warmup):
-        step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    elapsed = (time.perf_counter() - start) / steps
-    res.ms_per_step = elapsed * 1e3
-    res.img_per_s = res.batch / elapsed
-    res.tflops = flops_per_img * res.img_per_s / 1e12
-    res.mfu = res.tflops / peak if peak else float("nan")
-    if device == "cuda":
-        res.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
+    res.record_rates(time_steps(step, steps, warmup, device), flops_per_img, peak, device)
     if profile_to is not None:
         from bench.profile_step import profile_step, to_markdown
 

@@ -60,6 +60,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """In place (a no-op without a process group); on NCCL the collective is queued on the stream like
+    a kernel, so the host does not wait for it."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
 def shutdown(exit_code: int) -> None:
     """Leave without the sporadic SIGABRT at interpreter exit seen with gloo (FIELD_NOTES): destroy the
     group, flush, and exit immediately."""

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from train.deferred import DeferredRead
+from train.distributed import all_reduce_sum_
 
 
 @dataclass
@@ -22,13 +22,6 @@ class StepOutcome:
     skipped: torch.Tensor  # 1.0: no update (a rank's loss or the gradient norm was not finite)
     grad_norm: torch.Tensor
     preempted: torch.Tensor  # 1.0: some rank has received the pre-emption signal
-
-
-def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
-    """In place; on NCCL the collective is queued on the stream like a kernel (no host wait)."""
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
 
 
 def vote(local_loss: torch.Tensor, preempt_requested: bool) -> tuple[torch.Tensor, torch.Tensor]:
