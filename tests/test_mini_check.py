@@ -1,0 +1,82 @@
+"""The miniature's conditioning check (train/mini.py) reads colours right, judged by the data generator's
+own labels, and samples what it says it samples."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.synth import BACKGROUNDS, COLORS, SHAPES, synthetic_sample
+from train import mini
+
+
+def _centre_square(image: Image.Image, meta: dict) -> tuple[torch.Tensor, list[int]]:
+    """The central square crop (the shape is inside it, data/synth.py) as [3, S, S] in [0, 1], and the
+    shape's box in the crop's coordinates."""
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    crop = np.asarray(image.crop((left, top, left + side, top + side)), dtype=np.float32) / 255.0
+    x0, y0, x1, y1 = meta["shape_box"]
+    return torch.from_numpy(crop).permute(2, 0, 1), [x0 - left, y0 - top, x1 - left, y1 - top]
+
+
+def test_reads_the_generators_colour_on_its_own_images():
+    rng = random.Random(0)
+    for _ in range(60):
+        image, meta = synthetic_sample(rng, 128)
+        pixels, _ = _centre_square(image, meta)
+        assert mini.dominant_shape_colour(pixels) == meta["color"], meta
+
+
+def test_reads_a_recoloured_shape_as_its_new_colour():
+    rng = random.Random(1)
+    names = sorted(COLORS)
+    for i in range(24):
+        image, meta = synthetic_sample(rng, 128)
+        pixels, (x0, y0, x1, y1) = _centre_square(image, meta)
+        other = names[(names.index(meta["color"]) + 1 + i % 5) % len(names)]
+        shape = (pixels - torch.tensor(meta["color_rgb"]).view(3, 1, 1) / 255).abs().amax(dim=0) < 0.1
+        pixels[:, shape] = torch.tensor(COLORS[other], dtype=torch.float32).view(3, 1) / 255
+        assert mini.dominant_shape_colour(pixels) == other
+
+
+def test_a_background_alone_has_no_shape_colour():
+    for rgb in BACKGROUNDS.values():
+        field = torch.tensor(rgb, dtype=torch.float32).view(3, 1, 1).expand(3, 32, 32) / 255
+        assert mini.dominant_shape_colour(field) is None
+
+
+def test_prompts_cover_every_colour_and_shape_with_distinct_seeds():
+    from collections import Counter
+
+    from data.synth import _contrasting_backgrounds
+
+    cases = mini.prompts()
+    pairs = Counter((c["color"], next(s for s in SHAPES if s in c["prompt"])) for c in cases)
+    assert pairs == {(c, s): mini.SEEDS_PER_PROMPT for c in COLORS for s in SHAPES}
+    assert len({c["seed"] for c in cases}) == len(cases)
+    for case in cases:
+        assert f" {case['color']} " in case["prompt"] and case["prompt"].endswith(f"on a {case['background']} background")
+        assert case["background"] in _contrasting_backgrounds(case["color"])
+
+
+@pytest.mark.parametrize("scale", [1.0, 7.5])
+def test_evaluate_samples_every_case_and_scores_them(scale):
+    from models.configs import mini as mini_config
+    from models.stable_diffusion import build_models
+    from models.tokenizer import CLIPTokenizer
+    from tools.sample import SamplingModels, unconditional_context
+
+    torch.manual_seed(0)
+    m = build_models(mini_config())
+    tokenizer = CLIPTokenizer()
+    models = SamplingModels(m.unet.eval(), m.vae, m.text_encoder, tokenizer, m.schedule.alphas_cumprod.float(),
+                            unconditional_context(tokenizer, m.text_encoder), torch.device("cpu"), "raw")
+    result = mini.evaluate(models, scale=scale, steps=2)
+    assert len(result["cases"]) == len(result["images"]) == len(mini.prompts())
+    hits = [c["generated_color"] == c["color"] for c in result["cases"]]
+    assert result["accuracy"] == sum(hits) / len(hits)
+    assert result["images"].shape[1:] == (3, 128, 128)
