@@ -67,14 +67,11 @@ def test_prompts_cover_every_colour_and_shape_with_distinct_seeds():
 def test_evaluate_samples_every_case_and_scores_them(scale):
     from models.configs import mini as mini_config
     from models.stable_diffusion import build_models
-    from models.tokenizer import CLIPTokenizer
-    from tools.sample import SamplingModels, unconditional_context
+    from tools.sample import SamplingModels
 
     torch.manual_seed(0)
     m = build_models(mini_config())
-    tokenizer = CLIPTokenizer()
-    models = SamplingModels(m.unet.eval(), m.vae, m.text_encoder, tokenizer, m.schedule.alphas_cumprod.float(),
-                            unconditional_context(tokenizer, m.text_encoder), torch.device("cpu"), "raw")
+    models = SamplingModels.of(m.unet.eval(), m.vae, m.text_encoder, m.schedule, "cpu", "raw")
     result = mini.evaluate(models, scale=scale, steps=2)
     assert len(result["cases"]) == len(result["images"]) == len(mini.prompts())
     hits = [c["generated_color"] == c["color"] for c in result["cases"]]

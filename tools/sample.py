@@ -87,6 +87,15 @@ class SamplingModels:
     device: torch.device
     weights: str  # which UNet weights these are, in words
 
+    @classmethod
+    def of(cls, unet: UNetModel, vae: AutoencoderKL | PixelFirstStage, text_encoder: FrozenCLIPTextEncoder,
+           schedule, device: torch.device | str, weights: str) -> "SamplingModels":
+        """From parts already on `device`: adds the CLIP tokenizer, CLIP("") and the schedule's alphas_cumprod
+        as the samplers read them."""
+        tokenizer = CLIPTokenizer()
+        return cls(unet, vae, text_encoder, tokenizer, schedule.alphas_cumprod.detach().cpu().float(),
+                   unconditional_context(tokenizer, text_encoder), torch.device(device), weights)
+
 
 def resolve_checkpoint(source: str | os.PathLike) -> Path:
     """A file, a diffusers folder (model_index.json), or a trainer export folder (`<run.dir>/export`,
@@ -135,9 +144,7 @@ def load_sampling_models(source: str | os.PathLike, arch: str = "sd-v1", ema: bo
     unet = m.unet.eval().requires_grad_(False).to(device)
     vae = m.vae.eval().to(device)
     text_encoder = m.text_encoder.to(device)
-    tokenizer = CLIPTokenizer()
-    return SamplingModels(unet, vae, text_encoder, tokenizer, m.schedule.alphas_cumprod.detach().cpu().float(),
-                          unconditional_context(tokenizer, text_encoder), device, which)
+    return SamplingModels.of(unet, vae, text_encoder, m.schedule, device, which)
 
 
 def latent_factor(first_stage: AutoencoderKL | PixelFirstStage) -> int:

@@ -257,19 +257,14 @@ class Trainer:
         seeds 0..n-1) with the current raw weights, in the training precision.
 
         Every rank runs it: under FSDP2 and ZeRO-3 the forward pass is collective."""
-        from models.guidance import unconditional_context
-        from models.tokenizer import CLIPTokenizer
         from tools.sample import SamplingConfig, SamplingModels, decode, sample_latents
 
         prompts = list(self.cfg.tracking.sample_prompts)
         res = self.cfg.stage.data.resolution
         # precision "full": no fp16 autocast of its own; the engine's (bf16) applies around it.
         sampling = SamplingConfig(sampler="ddim", steps=steps, scale=scale, height=res, width=res, precision="full")
-        tokenizer = CLIPTokenizer()
-        models = SamplingModels(self.engine.unet, self.frozen.vae, self.frozen.text_encoder, tokenizer,
-                                self.schedule.alphas_cumprod.detach().cpu().float(),
-                                unconditional_context(tokenizer, self.frozen.text_encoder), self.env.device,
-                                f"raw weights at step {self.state.step}")
+        models = SamplingModels.of(self.engine.unet, self.frozen.vae, self.frozen.text_encoder, self.schedule,
+                                   self.env.device, f"raw weights at step {self.state.step}")
         self.engine.unet.eval()
         try:
             with self.engine.autocast():
