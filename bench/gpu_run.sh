@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The whole GPU measurement for one device session (H100/H200, <= 9 minutes), in order of what the
 # open questions need (bench/RESULTS.md):
+#   0. every attention call of the UNet at 256 and 512 (b32) under each SDPA kernel (bench/attention_step.py,
+#      seconds): is a pinned kernel (cuDNN for head dim 40?) faster than torch's own choice;
 #   1. the trainer's own step (Trainer.optimizer_step: vote, fused AdamW skip, EMA, one-step-late read)
 #      at 512/b32 compiled + channels-last, DDP and FSDP2 (one rank), under
 #      torch.cuda.set_sync_debug_mode("error"): proves the step has no host sync, and gives trainer /
 #      bare-UNet-step throughput;
 #   1b. where the compiled 512/b32 step's device time goes, ours and diffusers (bench/profile_step.py);
+#   1c. if phase 0 found a pinned kernel > 3% faster: the compiled 512/b32 step with it, ours then diffusers
+#      (the same kernel pinned around its forward), against 1b's rows from the same run;
 #   2. the reference cluster's per-GPU batch (SD's 2048 over 256 GPUs = 8 images per GPU per step) at
 #      256 and 512, compiled per block with and without CUDA graphs (mode reduce-overhead): small steps
 #      are where launch overhead shows;
@@ -35,10 +39,20 @@ fi
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
 B="python3 bench/unet_step.py --device $DEV --arch $ARCH --dtype bf16 --steps 5 --warmup 2"
 START=$SECONDS
+python3 bench/attention_step.py --device "$DEV" --arch "$ARCH" --latent "$L256,$L512" --batch 32 --dtype bf16 \
+    --out "$OUT/attention"
 python3 bench/trainer_step.py --device "$DEV" --arch "$ARCH" --latent "$L512" --batch 32 --compile --channels-last \
     --backend ddp,fsdp --steps 5 --warmup 3 --out "$OUT/trainer512"
 $B --latent "$L512" --batch 32 --impl ours,diffusers --compile yes --channels-last yes --profile --budget-s 100 \
     --out "$OUT/profile512"
+KERNEL=$(python3 -c "import json; b = json.load(open('$OUT/attention/best.json')); \
+print(b['kernel'] if b['saving'] > 0.03 else '')" 2>/dev/null)
+if [ -n "$KERNEL" ]; then
+    $B --latent "$L512" --batch 32 --impl ours,diffusers --compile yes --channels-last yes --attention "$KERNEL" \
+        --budget-s 100 --out "$OUT/pinned512"
+else
+    echo "no pinned attention kernel beats torch's own choice by > 3%: phase 1c skipped"
+fi
 $B --latent "$L256,$L512" --batch 8 --impl ours --compile yes --channels-last yes \
     --compile-mode default,reduce-overhead --budget-s 200 --out "$OUT/b8"
 $B --latent "$L256" --batch 128 --compile yes --channels-last yes --budget-s 120 --out "$OUT/best256"

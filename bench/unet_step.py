@@ -20,11 +20,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from torch.nn.attention import sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import configs  # noqa: E402
 from models.adapters import diffusers_unet  # noqa: E402
+from models.attention import SDPA_KERNELS  # noqa: E402
 from models.unet import UNetModel  # noqa: E402
 from train.flops import peak_tflops, unet_train_flops_per_image  # noqa: E402
 from train.parallel.base import compile_blocks, compile_in_place  # noqa: E402
@@ -41,6 +43,7 @@ class Result:
     channels_last: bool
     ac: str
     compile_mode: str = "default"
+    attention: str = "sdpa"  # models/attention.py backend; diffusers runs under the same pinned SDPA kernel
     ms_per_step: float = float("nan")
     img_per_s: float = float("nan")
     tflops: float = float("nan")
@@ -74,12 +77,12 @@ def time_steps(step, steps: int, warmup: int, device: str, warmup_step=None) -> 
 
 
 def build(impl: str, cfg: configs.UNetConfig, device: str, channels_last: bool, compile_: bool, ac: str,
-          mode: str = "default"):
+          mode: str = "default", attention: str = "sdpa"):
     mode = None if mode == "default" else mode
     torch.manual_seed(0)
     if impl in ("ours", "ours-whole"):
         with torch.device(device):  # initialise on the device: a CPU init of 860M parameters takes seconds
-            model = UNetModel(replace(cfg, activation_checkpointing=ac))
+            model = UNetModel(replace(cfg, activation_checkpointing=ac, attention_backend=attention))
         forward = lambda x, t, c: model(x, t, c)  # noqa: E731
         if compile_ and impl == "ours-whole":
             model.compile(dynamic=False, mode=mode)  # one graph for the whole UNet, still in place
@@ -95,7 +98,16 @@ def build(impl: str, cfg: configs.UNetConfig, device: str, channels_last: bool, 
             model.enable_gradient_checkpointing()
         elif ac != "none":
             raise ValueError(f"diffusers has no {ac!r} activation checkpointing")
-        forward = lambda x, t, c: model(x, t, encoder_hidden_states=c, return_dict=False)[0]  # noqa: E731
+        if attention.startswith("sdpa-"):  # diffusers calls F.scaled_dot_product_attention: pin its kernel
+            kernel = SDPA_KERNELS[attention[5:]]
+
+            def forward(x, t, c):
+                with sdpa_kernel([kernel]):  # traced by torch.compile, as in our CrossAttention
+                    return model(x, t, encoder_hidden_states=c, return_dict=False)[0]
+        elif attention == "sdpa":
+            forward = lambda x, t, c: model(x, t, encoder_hidden_states=c, return_dict=False)[0]  # noqa: E731
+        else:
+            raise ValueError(f"diffusers runs SDPA only, not attention {attention!r}")
         if compile_ and impl == "diffusers-whole":
             model.compile(dynamic=False, mode=mode)
         elif compile_:
@@ -112,7 +124,8 @@ def measure(res: Result, cfg: configs.UNetConfig, device: str, steps: int, warmu
     """Times `steps` steps after `warmup`; `profile_to`: then profiles 2 more and appends the breakdown
     by kernel kind (bench/profile_step.py) to that Markdown file."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[res.dtype]
-    model, forward = build(res.impl, cfg, device, res.channels_last, res.compile, res.ac, res.compile_mode)
+    model, forward = build(res.impl, cfg, device, res.channels_last, res.compile, res.ac, res.compile_mode,
+                           res.attention)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01,
                             **({"fused": True} if device == "cuda" else {}))
     gen = torch.Generator(device).manual_seed(0)
@@ -137,7 +150,8 @@ def measure(res: Result, cfg: configs.UNetConfig, device: str, steps: int, warmu
         from bench.profile_step import profile_step, to_markdown
 
         title = (f"{res.impl}, latent {res.latent}, batch {res.batch}, {res.dtype}, compile "
-                 f"{res.compile_mode if res.compile else 'no'}, channels-last {res.channels_last}, AC {res.ac}")
+                 f"{res.compile_mode if res.compile else 'no'}, channels-last {res.channels_last}, AC {res.ac}, "
+                 f"attention {res.attention}")
         with profile_to.open("a") as f:
             f.write(to_markdown(profile_step(step, device), title) + "\n")
     del model, opt
@@ -145,22 +159,22 @@ def measure(res: Result, cfg: configs.UNetConfig, device: str, steps: int, warmu
 
 
 def table(results: list[Result]) -> str:
-    head = ("| impl | arch | latent | batch | dtype | compile | ch-last | AC | ms/step | img/s | TFLOP/s | MFU "
-            "| peak GiB | time ours/diffusers / speedup | status |")
-    lines = [head, "|" + "---|" * 15]
+    head = ("| impl | arch | latent | batch | dtype | compile | ch-last | AC | attention | ms/step | img/s | TFLOP/s "
+            "| MFU | peak GiB | time ours/diffusers / speedup | status |")
+    lines = [head, "|" + "---|" * 16]
     base: dict[tuple, float] = {}  # diffusers' best (per-block or whole-graph compile) for each setting
     for r in results:
         if r.impl.startswith("diffusers") and r.status == "ok":
-            key = (r.arch, r.latent, r.batch, r.dtype, r.compile, r.compile_mode, r.channels_last, r.ac)
+            key = (r.arch, r.latent, r.batch, r.dtype, r.compile, r.compile_mode, r.channels_last, r.ac, r.attention)
             base[key] = max(base.get(key, 0.0), r.img_per_s)
     for r in results:
         ratio = ""
-        key = (r.arch, r.latent, r.batch, r.dtype, r.compile, r.compile_mode, r.channels_last, r.ac)
+        key = (r.arch, r.latent, r.batch, r.dtype, r.compile, r.compile_mode, r.channels_last, r.ac, r.attention)
         if r.impl.startswith("ours") and key in base:
             ratio = f"{base[key] / r.img_per_s:.3f} / {r.img_per_s / base[key]:.2f}x"
         compiled = r.compile_mode if r.compile else False
         lines.append(f"| {r.impl} | {r.arch} | {r.latent} | {r.batch} | {r.dtype} | {compiled} | {r.channels_last} "
-                     f"| {r.ac} | {r.ms_per_step:.1f} | {r.img_per_s:.2f} | {r.tflops:.1f} | {r.mfu:.3f} "
+                     f"| {r.ac} | {r.attention} | {r.ms_per_step:.1f} | {r.img_per_s:.2f} | {r.tflops:.1f} | {r.mfu:.3f} "
                      f"| {r.peak_mem_gib:.1f} | {ratio} | {r.status} |")
     return "\n".join(lines)
 
@@ -180,6 +194,9 @@ def main(argv=None) -> int:
                         "max-autotune-no-cudagraphs, max-autotune")
     p.add_argument("--channels-last", choices=["no", "yes", "both"], default="no")
     p.add_argument("--ac", default="none", help="activation checkpointing policies: none, full, selective (ours)")
+    p.add_argument("--attention", default="sdpa",
+                   help="attention backends (models/attention.py), comma-separated: sdpa (torch picks the kernel), "
+                        "sdpa-flash, sdpa-cudnn, sdpa-efficient (pinned, for diffusers too), math, xformers (ours)")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile 2 steps: device time by kernel kind into OUT/profile.md")
     p.add_argument("--steps", type=int, default=10)
@@ -206,9 +223,10 @@ def main(argv=None) -> int:
         for compile_ in flags[args.compile]:
             for cl in flags[args.channels_last]:
                 modes = args.compile_mode.split(",") if compile_ else ["default"]
-                for mode, ac, batch, impl in itertools.product(modes, args.ac.split(","),
-                                                               map(int, args.batch.split(",")), args.impl.split(",")):
-                    res = Result(impl, args.arch, latent, batch, args.dtype, compile_, cl, ac, mode)
+                for mode, ac, attn, batch, impl in itertools.product(
+                        modes, args.ac.split(","), args.attention.split(","), map(int, args.batch.split(",")),
+                        args.impl.split(",")):
+                    res = Result(impl, args.arch, latent, batch, args.dtype, compile_, cl, ac, mode, attn)
                     if impl.startswith("diffusers") and ac == "selective":
                         continue  # diffusers offers all-or-nothing checkpointing only
                     if time.perf_counter() - start > args.budget_s:

@@ -2,6 +2,11 @@
 
 All backends take and return (batch, heads, tokens, head_dim) tensors and compute
 softmax(q k^T / sqrt(head_dim)) v, as CompVis' CrossAttention does.
+
+"sdpa" lets torch pick SDPA's kernel per call. "sdpa-flash", "sdpa-cudnn" and "sdpa-efficient" pin
+one kernel: SD v1's head dims are 40, 80 and 160, and which kernel is fastest for 40 (FlashAttention
+pads it to 64 inside the kernel; cuDNN's fused attention takes multiples of 8) is a question for a
+measurement on the card (`bench/attention_step.py`), not a default to guess.
 """
 from __future__ import annotations
 
@@ -9,8 +14,15 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-BACKENDS = ("sdpa", "xformers", "math")
+# The pinned SDPA kernels, by the suffix of their backend name.
+SDPA_KERNELS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+}
+BACKENDS = ("sdpa", *(f"sdpa-{name}" for name in SDPA_KERNELS), "xformers", "math")
 
 
 def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -32,9 +44,26 @@ def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return out.transpose(1, 2)
 
 
+def _pinned_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str) -> torch.Tensor:
+    try:
+        # torch.compile traces this context manager: the compiled graph calls the pinned kernel's op.
+        with sdpa_kernel([SDPA_KERNELS[kernel]]):
+            return F.scaled_dot_product_attention(q, k, v)
+    except RuntimeError as err:
+        if "No viable backend" not in str(err) and "No available kernel" not in str(err):
+            raise
+        raise RuntimeError(
+            f"attention_backend='sdpa-{kernel}' has no kernel for these inputs (device {q.device.type}, "
+            f"{q.dtype}, head dim {q.shape[-1]}; torch's warnings above say why): use attention_backend='sdpa' "
+            "to let torch choose. On CPU only 'sdpa-flash' exists; cuDNN and efficient attention are CUDA kernels."
+        ) from err
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)
+    if backend.startswith("sdpa-") and backend[5:] in SDPA_KERNELS:
+        return _pinned_sdpa(q, k, v, backend[5:])
     if backend == "math":
         return _math(q, k, v)
     if backend == "xformers":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from models.attention import BACKENDS
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -19,7 +21,9 @@ class UNetConfig:
     context_dim: int = 768
     norm_groups: int = 32
     dropout: float = 0.0
-    # "sdpa" (torch scaled_dot_product_attention), "xformers" (GPU extra) or "math" (reference).
+    # "sdpa" (torch scaled_dot_product_attention, its kernel chosen per call), "sdpa-flash" /
+    # "sdpa-cudnn" / "sdpa-efficient" (one SDPA kernel pinned), "xformers" (GPU extra) or "math"
+    # (reference); models/attention.py.
     attention_backend: str = "sdpa"
     # Activation checkpointing of each UNet block while training (never in eval): "none", "full"
     # (recompute the whole block in backward) or "selective" (keep the outputs of convolutions, matmuls
@@ -35,8 +39,8 @@ class UNetConfig:
         if self.activation_checkpointing not in ("none", "full", "selective"):
             raise ValueError(f"unet.activation_checkpointing={self.activation_checkpointing!r}: choose none, full "
                              "or selective")
-        if self.attention_backend not in ("sdpa", "xformers", "math"):
-            raise ValueError(f"unet.attention_backend={self.attention_backend!r}: choose sdpa, xformers or math")
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"unet.attention_backend={self.attention_backend!r}: choose one of {', '.join(BACKENDS)}")
         max_factor = 2 ** (len(self.channel_mult) - 1)
         for f in self.attention_resolutions:
             if f > max_factor or f & (f - 1):
@@ -62,6 +66,8 @@ class VAEConfig:
     def __post_init__(self) -> None:
         if self.ch % self.norm_groups:
             raise ValueError(f"vae.ch={self.ch} must be a multiple of norm_groups={self.norm_groups}")
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"vae.attention_backend={self.attention_backend!r}: choose one of {', '.join(BACKENDS)}")
 
     @property
     def downsample_factor(self) -> int:

@@ -39,6 +39,42 @@ def test_trainer_step_bench_runs_the_trainers_step(tmp_path):
     assert all(r["syncs"] == "not checked (CPU)" for r in rows)
 
 
+def test_attention_bench_times_every_call_under_each_kernel(tmp_path):
+    _run(tmp_path, "attention_step.py", "--dtype", "fp32")
+    report = json.loads((tmp_path / "attention_step.json").read_text())
+    # Every distinct call of the tiny UNet at latent 8 (3 levels with attention and the middle block,
+    # self + cross each), under torch's choice and the one SDPA kernel the CPU has; cuDNN and efficient
+    # attention say they have no kernel.
+    assert len(report["rows"]) == 8
+    for row in report["rows"]:
+        assert set(row["ms"]) == {"sdpa", "sdpa-flash"} and all(math.isfinite(v) for v in row["ms"].values())
+        assert row["status"] == {"sdpa-cudnn": "no kernel", "sdpa-efficient": "no kernel"}
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best["kernel"] == "sdpa-flash" and set(best["ms"]) == {"sdpa", "sdpa-flash"}
+
+
+def test_attention_calls_carry_the_unets_attention_flops():
+    """The shapes the attention bench times are the UNet's: their FLOPs are exactly what torch's FLOP
+    counter finds in SDPA over a forward of SD v1 (forward only, so a third of train_flops)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.attention_step import attention_calls
+    from models.configs import sd_v1
+    from models.unet import UNetModel
+
+    cfg = sd_v1().unet
+    calls = attention_calls(cfg, 64)
+    assert sum(calls.values()) == 32  # 16 SpatialTransformers, each one self- and one cross-attention
+    assert {c.head_dim for c in calls} == {40, 80, 160}
+    with torch.device("meta"):
+        unet = UNetModel(cfg)
+        with FlopCounterMode(display=False) as counter:
+            unet(torch.empty(1, 4, 64, 64), torch.zeros(1, dtype=torch.long), torch.empty(1, 77, 768))
+    sdpa = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "attention" in str(op) or "bmm" in str(op))
+    assert sum(c.train_flops(1) * n for c, n in calls.items()) / 3 == sdpa
+
+
 def test_profile_groups_kernel_names_by_what_they_do():
     from bench.profile_step import category
 

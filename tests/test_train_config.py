@@ -75,6 +75,15 @@ def test_scale_lr_is_refused_with_the_reason():
         validate(cfg, 256)
 
 
+def test_model_settings_are_checked_with_the_choices():
+    cfg = _compose("stage=v1-1_256", "cluster=reference_32x8", "model.attention_backend=cudnn")
+    with pytest.raises(ConfigError, match=r"model\.\* sets unet\.attention_backend='cudnn': choose one of .*sdpa-cudnn"):
+        validate(cfg, 256)
+    pinned = _compose("stage=v1-1_256", "cluster=reference_32x8", "model.attention_backend=sdpa-cudnn")
+    validate(pinned, 256)
+    assert pinned.model.sd_config().unet.attention_backend == "sdpa-cudnn"
+
+
 def test_world_size_must_match_the_cluster():
     cfg = _compose("stage=v1-1_256", "cluster=reference_32x8")
     with pytest.raises(ConfigError, match="cluster.nodes"):

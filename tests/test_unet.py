@@ -1,5 +1,6 @@
 """The UNet against the original numbers (parameter count, key layout) and against diffusers."""
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -109,7 +110,7 @@ def test_missing_and_unexpected_keys_are_listed():
     assert "conv_in.weight" in str(err.value) and "extra.weight" in str(err.value)
 
 
-@pytest.mark.parametrize("backend", ["math"])
+@pytest.mark.parametrize("backend", ["math", "sdpa-flash"])  # the other pinned SDPA kernels are CUDA-only
 def test_attention_backends_agree(backend):
     cfg = tiny().unet
     torch.manual_seed(1)
@@ -119,6 +120,16 @@ def test_attention_backends_agree(backend):
     x, t, ctx = torch.randn(1, 4, 16, 16), torch.tensor([10]), torch.randn(1, 77, cfg.context_dim)
     with torch.no_grad():
         assert rel_err(other(x, t, ctx), sdpa(x, t, ctx)) <= 1e-5
+
+
+def test_pinned_sdpa_kernel_says_when_it_has_no_kernel():
+    cfg = tiny().unet
+    if not torch.cuda.is_available():
+        cudnn = UNetModel(replace(cfg, attention_backend="sdpa-cudnn")).eval()
+        with pytest.raises(RuntimeError, match="attention_backend='sdpa'"):
+            cudnn(torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, cfg.context_dim))
+    with pytest.raises(ValueError, match="sdpa-cudnn"):
+        replace(cfg, attention_backend="cudnn")
 
 
 def test_xformers_backend_without_xformers_says_how_to_fix():
@@ -225,19 +236,27 @@ def test_residual_branch_outputs_start_at_zero_as_in_compvis():
     assert not unet(x, t, ctx).any()  # the prediction starts at exactly zero
 
 
-def test_compile_blocks_traces_every_block_in_place():
+@pytest.mark.parametrize("attention", ["sdpa", "sdpa-flash"])
+def test_compile_blocks_traces_every_block_in_place(attention):
     """What parallel.compile=true does: each block compiled in place (no `_orig_mod.` in the keys), and
-    dynamo really traces them (aot_eager: forward and backward graphs, without kernel generation)."""
+    dynamo really traces them (aot_eager: forward and backward graphs, without kernel generation). A
+    pinned SDPA kernel is a context manager inside the block: it must trace too, not break the graph."""
     from torch._dynamo.utils import counters
 
     from train.parallel.base import compile_blocks
 
     torch._dynamo.reset()
     counters.clear()
-    unet = reinit_zeroed_(UNetModel(tiny().unet))
+    torch.manual_seed(0)
+    unet = reinit_zeroed_(UNetModel(replace(tiny().unet, attention_backend=attention)))
+    eager = UNetModel(tiny().unet)
+    eager.load_state_dict(unet.state_dict())
     keys = list(unet.state_dict())
     compile_blocks(unet, backend="aot_eager")
-    unet(torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32)).square().mean().backward()
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32)
+    out = unet(x, t, ctx)
+    out.square().mean().backward()
+    assert rel_err(out.detach(), eager(x, t, ctx).detach()) <= 1e-5
     assert list(unet.state_dict()) == keys
     # Blocks of the same structure and shapes share a graph (parameters are graph inputs), so fewer
     # graphs than blocks; none may break (a break would leave part of a block to eager).

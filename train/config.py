@@ -29,8 +29,11 @@ class ModelConfig:
         base = archs[self.arch]()
         from dataclasses import replace
 
-        unet = replace(base.unet, attention_backend=self.attention_backend,
-                       activation_checkpointing=self.activation_checkpointing)
+        try:  # the UNet config checks its own fields; say which of ours set them
+            unet = replace(base.unet, attention_backend=self.attention_backend,
+                           activation_checkpointing=self.activation_checkpointing)
+        except ValueError as err:
+            raise ConfigError(f"model.* sets {err}") from err
         return replace(base, unet=unet)
 
 
