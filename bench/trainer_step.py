@@ -157,8 +157,6 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/out")))
     args = p.parse_args(argv)
-    if args.device == "cuda":
-        torch.backends.cudnn.benchmark = True
     from models import configs
 
     cfg = (configs.tiny() if args.arch == "tiny" else configs.sd_v1()).unet

@@ -91,6 +91,9 @@ class ParallelConfig:
     # compile, +44% on an H200 together (bench/RESULTS.md); on CPU about even.
     channels_last: bool = True
     tf32: bool = True
+    # cuDNN times its convolution algorithms on the first call of each shape and keeps the fastest: the
+    # step's shapes are fixed (one resolution and micro-batch per stage), so the search is paid once.
+    cudnn_benchmark: bool = True
     # FSDP2
     reshard_after_forward: bool = True
     # DeepSpeed ZeRO stage (1, 2 or 3).

@@ -52,9 +52,9 @@ class Trainer:
         if env.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         barrier()
-        if env.device.type == "cuda" and cfg.parallel.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        if env.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.parallel.tf32
+            torch.backends.cudnn.benchmark = cfg.parallel.cudnn_benchmark
 
         self.sd_cfg = cfg.model.sd_config()
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank

@@ -18,7 +18,10 @@ class DDPEngine(TorchEngine):
             compile_blocks(unet, cfg.parallel.compile_backend)
         self.unet = unet
         distributed = torch.distributed.is_initialized()
-        self.module = (DistributedDataParallel(unet, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+        # Gradients as views of DDP's all-reduce buckets: no second copy of the 3.4 GB of fp32 gradients,
+        # and no copy into and out of the buckets around each all-reduce.
+        self.module = (DistributedDataParallel(unet, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+                                               gradient_as_bucket_view=True)
                        if distributed else unet)
         self._setup_optimizer(lr_offset)
 
