@@ -90,12 +90,44 @@ def test_mosaicml_preset_hours(sd_v1_plan):
 
 def test_cli_prints_the_table_and_the_total(capsys):
     assert plan_cost.main(["--throughput", "mosaicml-a100", "--gpu", "A100", "--nodes", "32",
-                           "--gpus-per-node", "8"]) == 0
+                           "--gpus-per-node", "8", "--node-gbps", "0"]) == 0
     out = capsys.readouterr().out
     total = next(line for line in out.splitlines() if line.startswith("total"))
     hours = (485_376_000 / 137.5 + 1_851_392_000 / 36.3) / 3600
     assert f"{hours:,.0f}" in total and "2.337B" in total
     assert "NOT MET" in out and "MFU 42.1%" in out
+
+
+def test_gradient_reduction_floor_by_hand(sd_v1_plan):
+    """2 (N-1)/N x the fp32 gradients through each node's NICs per step (tools/plan_network.py); the
+    parameter count is the released checkpoint's (tests/assets/sd_v1_state_dict.json)."""
+    from tools.plan_network import gradient_reduction_seconds, unet_parameter_count
+
+    released = json.loads((REPO / "tests/assets/sd_v1_state_dict.json").read_text())["param_counts"]["unet"]
+    assert unet_parameter_count() == released == 859_520_964
+    reduction = 2 * 31 / 32 * released * 4 / 50e9  # 400 Gbit/s = 50 GB/s per node: ~133 ms
+    assert gradient_reduction_seconds(32, 400.0) == pytest.approx(reduction)
+    assert gradient_reduction_seconds(32, 400.0, "bf16") == pytest.approx(reduction / 2)
+    assert gradient_reduction_seconds(1, 400.0) == 0.0 and gradient_reduction_seconds(32, 0.0) == 0.0
+
+    hw = Hardware(gpu="A100", dtype="bf16", nodes=32, gpus_per_node=8, node_gbps=400.0)
+    report = plan_cost.plan_cost(sd_v1_plan, hw, plan_cost.THROUGHPUT_PRESETS["mosaicml-a100"].img_per_s)
+    at_256, at_512 = report.stages[0], report.stages[1]
+    # 8 images per GPU per step: 58 ms of compute at 256 px waits for the network; 220 ms at 512 hides it.
+    assert at_256.compute_ms_per_step == pytest.approx(8 / 137.5 * 1e3)
+    assert at_256.compute_ms_per_step < at_256.reduction_ms_per_step == pytest.approx(1e3 * reduction)
+    assert at_256.gpu_hours == pytest.approx(237_000 * reduction * 256 / 3600)
+    assert at_256.img_per_s_effective == pytest.approx(8 / reduction)
+    assert at_512.gpu_hours == pytest.approx(194_000 * 2048 / 36.3 / 3600)
+    assert report.network_floor_gpu_hours == pytest.approx(1_141_000 * reduction * 256 / 3600)  # ~10,800
+
+
+def test_cli_says_when_the_network_alone_exceeds_the_budget(capsys):
+    assert plan_cost.main(["--throughput", "mosaicml-a100"]) == 0  # 32 x 8 at 400 Gbit/s by default
+    out = capsys.readouterr().out
+    assert "3.44 GB) reduced across 32 nodes" in out and "58 / 133" in out and "OUT OF REACH" in out
+    assert plan_cost.main(["--throughput", "mosaicml-a100", "--nodes", "8", "--reduce-dtype", "bf16"]) == 0
+    assert "OUT OF REACH" not in capsys.readouterr().out
 
 
 def test_cli_json_and_custom_plan(capsys):
@@ -127,6 +159,7 @@ def test_runs_as_a_module():
     (["--stages", "v1-9"], "Could not find 'stage/v1-9'"),
     (["--gpu", "V100", "--dtype", "bf16"], "no bf16"),
     (["--nodes", "0"], "must be >= 1"),
+    (["--node-gbps", "-1"], "must be >= 0"),
     (["--budget-gpu-hours", "0"], "must be positive"),
 ])
 def test_bad_input_is_refused_with_a_reason(argv, message, capsys):

@@ -5,11 +5,14 @@ and the inverse, the throughput a GPU-hour budget needs.
     python -m tools.plan_cost --img-per-s 256=137.5,512=36.3 --gpu A100 --nodes 32 --gpus-per-node 8
     python -m tools.plan_cost --budget-gpu-hours 10000                       # only what the budget needs
     python -m tools.plan_cost --plan warm:1000:256:256,main:5000:512:512 --img-per-s 256=100,512=30 --json
+    python -m tools.plan_cost --throughput mosaicml-a100 --nodes 8 --node-gbps 400 --reduce-dtype bf16
 
 The default plan is read from the Hydra stage configs (conf/stage/v1-1_256, v1-1_512, v1-2, v1-3),
 composed as `python -m train` composes them, so it follows any change to steps, batch or resolution.
 FLOPs per image are counted (train/flops.py) and MFU uses the same convention as the trainer's
 throughput meter: UNet forward + backward only, unless the frozen encoders run during training.
+The gradient reduction between nodes (tools/plan_network.py) bounds each step from below: a stage whose
+per-GPU batch computes faster than the network reduces its gradients runs at the network's pace.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+
+from tools.plan_network import REDUCE_BYTES, gradient_reduction_seconds
 
 # The SD v1 chain, in order (sd-v1-1 at 256 then 512, sd-v1-2, sd-v1-3).
 SD_V1_STAGES = ("v1-1_256", "v1-1_512", "v1-2", "v1-3")
@@ -74,10 +79,19 @@ class Hardware:
     dtype: str
     nodes: int
     gpus_per_node: int
+    # Inter-node bandwidth per node (all NICs, Gbit/s) and the gradients' dtype on the wire; 0 = the
+    # network is not modelled (one node, or a throughput measured on the whole cluster).
+    node_gbps: float = 0.0
+    reduce_dtype: str = "fp32"
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def reduction_s(self) -> float:
+        """The gradient reduction's floor per optimiser step (tools/plan_network.py)."""
+        return gradient_reduction_seconds(self.nodes, self.node_gbps, self.reduce_dtype)
 
     @property
     def peak_flops(self) -> float:
@@ -114,10 +128,14 @@ class StageCost:
     images: int
     flops_per_image: float
     flops: float
-    img_per_s_per_gpu: float | None  # None: no throughput given (budget-only mode)
-    mfu: float | None
+    img_per_s_per_gpu: float | None  # as given (one GPU's step); None: no throughput given (budget-only mode)
+    mfu: float | None  # at the effective throughput
     gpu_hours: float | None
     wall_hours: float | None
+    compute_ms_per_step: float | None = None  # this GPU's share of the global batch at the given img/s
+    reduction_ms_per_step: float = 0.0  # the gradient reduction between nodes, at best
+    img_per_s_effective: float | None = None  # per GPU, each step max(compute, reduction) long
+    network_floor_gpu_hours: float = 0.0  # the steps at the reduction's pace alone: no MFU goes below it
 
 
 @dataclass(frozen=True)
@@ -151,6 +169,7 @@ class CostReport:
     total_gpu_hours: float | None
     total_wall_hours: float | None
     budget: BudgetCheck
+    network_floor_gpu_hours: float = 0.0
 
 
 # ---- FLOPs and peaks ------------------------------------------------------------------------------
@@ -261,13 +280,20 @@ def parse_img_per_s(text: str) -> dict[int, float]:
 
 def stage_cost(stage: Stage, flops_per_image: float, img_per_s: float | None, hw: Hardware) -> StageCost:
     images = stage.images
+    reduction_s = hw.reduction_s
     common = dict(name=stage.name, resolution=stage.resolution, steps=stage.steps, global_batch=stage.global_batch,
-                  images=images, flops_per_image=flops_per_image, flops=images * flops_per_image)
+                  images=images, flops_per_image=flops_per_image, flops=images * flops_per_image,
+                  reduction_ms_per_step=1e3 * reduction_s,
+                  network_floor_gpu_hours=stage.steps * reduction_s * hw.world_size / 3600.0)
     if img_per_s is None:
         return StageCost(**common, img_per_s_per_gpu=None, mfu=None, gpu_hours=None, wall_hours=None)
-    gpu_hours = images / img_per_s / 3600.0
-    return StageCost(**common, img_per_s_per_gpu=img_per_s, mfu=img_per_s * flops_per_image / hw.peak_flops,
-                     gpu_hours=gpu_hours, wall_hours=gpu_hours / hw.world_size)
+    per_gpu = stage.global_batch / hw.world_size
+    compute_s = per_gpu / img_per_s
+    effective = per_gpu / max(compute_s, reduction_s)
+    gpu_hours = images / effective / 3600.0
+    return StageCost(**common, img_per_s_per_gpu=img_per_s, mfu=effective * flops_per_image / hw.peak_flops,
+                     gpu_hours=gpu_hours, wall_hours=gpu_hours / hw.world_size, compute_ms_per_step=1e3 * compute_s,
+                     img_per_s_effective=effective)
 
 
 def budget_check(costs: Sequence[StageCost], budget_gpu_hours: float, hw: Hardware) -> BudgetCheck:
@@ -295,6 +321,9 @@ def plan_cost(stages: Sequence[Stage], hw: Hardware, img_per_s: dict[int, float]
         raise PlanError("the plan has no stages")
     if hw.nodes < 1 or hw.gpus_per_node < 1:
         raise PlanError(f"--nodes {hw.nodes}, --gpus-per-node {hw.gpus_per_node}: both must be >= 1")
+    if hw.node_gbps < 0 or hw.reduce_dtype not in REDUCE_BYTES:
+        raise PlanError(f"--node-gbps {hw.node_gbps} must be >= 0 (0: the network is not modelled) and "
+                        f"--reduce-dtype {hw.reduce_dtype!r} one of {', '.join(REDUCE_BYTES)}")
     peak = peak_tflops_for(hw.gpu, hw.dtype)  # refuses an unknown GPU before any FLOP counting
     if img_per_s is not None:
         missing = [s for s in stages if s.resolution not in img_per_s]
@@ -311,7 +340,8 @@ def plan_cost(stages: Sequence[Stage], hw: Hardware, img_per_s: dict[int, float]
         by_resolution=by_resolution(costs), total_images=sum(c.images for c in costs),
         total_flops=sum(c.flops for c in costs),
         total_gpu_hours=total_hours, total_wall_hours=None if total_hours is None else total_hours / hw.world_size,
-        budget=budget_check(costs, budget_gpu_hours, hw))
+        budget=budget_check(costs, budget_gpu_hours, hw),
+        network_floor_gpu_hours=sum(c.network_floor_gpu_hours for c in costs))
 
 
 def by_resolution(costs: Sequence[StageCost]) -> list[ResolutionTotal]:
@@ -353,21 +383,42 @@ def format_report(r: CostReport) -> str:
         f"throughput: {r.throughput_source or 'none given (budget only)'}",
         _per_gpu_batch_line(r.stages, hw),
         "",
+        *_network_lines(hw),
+        "",
         f"{'stage':<10} {'res':>4} {'steps':>8} {'batch':>6} {'images':>9} {'GFLOP/img':>9} "
-        f"{'img/s/GPU':>9} {'MFU':>6} {'GPU-hours':>10} {'wall h':>8}",
+        f"{'img/s/GPU':>9} {'step ms':>13} {'MFU':>6} {'GPU-hours':>10} {'wall h':>8}",
     ]
     for c in r.stages:
         mfu = "-" if c.mfu is None else f"{100 * c.mfu:.1f}%"
         lines.append(f"{c.name:<10} {c.resolution:>4} {c.steps:>8} {c.global_batch:>6} {_count(c.images):>9} "
-                     f"{c.flops_per_image / 1e9:>9,.1f} {_opt(c.img_per_s_per_gpu, '.1f'):>9} {mfu:>6} "
-                     f"{_hours(c.gpu_hours):>10} {_hours(c.wall_hours):>8}")
+                     f"{c.flops_per_image / 1e9:>9,.1f} {_opt(c.img_per_s_per_gpu, '.1f'):>9} {_step_ms(c):>13} "
+                     f"{mfu:>6} {_hours(c.gpu_hours):>10} {_hours(c.wall_hours):>8}")
     lines.append(f"{'total':<10} {'':>4} {sum(c.steps for c in r.stages):>8} {'':>6} {_count(r.total_images):>9} "
-                 f"{'':>9} {'':>9} {'':>6} {_hours(r.total_gpu_hours):>10} {_hours(r.total_wall_hours):>8}")
+                 f"{'':>9} {'':>9} {'':>13} {'':>6} {_hours(r.total_gpu_hours):>10} {_hours(r.total_wall_hours):>8}")
     if len(r.by_resolution) > 1:
         lines += [f"{'  at ' + str(t.resolution):<10} {'':>4} {'':>8} {'':>6} {_count(t.images):>9} {'':>9} "
-                  f"{'':>9} {'':>6} {_hours(t.gpu_hours):>10}" for t in r.by_resolution]
-    lines += ["", *_format_budget(r.budget, hw)]
+                  f"{'':>9} {'':>13} {'':>6} {_hours(t.gpu_hours):>10}" for t in r.by_resolution]
+    lines += ["", *_format_budget(r.budget, hw, r.network_floor_gpu_hours)]
     return "\n".join(lines)
+
+
+def _network_lines(hw: Hardware) -> list[str]:
+    if hw.reduction_s == 0:
+        return ["network: not modelled (one node, or --node-gbps 0)"]
+    from tools.plan_network import unet_parameter_count
+
+    params = unet_parameter_count()
+    gigabytes = params * REDUCE_BYTES[hw.reduce_dtype] / 1e9
+    return [f"network: {params / 1e6:.1f}M gradients in {hw.reduce_dtype} ({gigabytes:.2f} GB) reduced across "
+            f"{hw.nodes} nodes at {hw.node_gbps:g} Gbit/s each: >= {1e3 * hw.reduction_s:.0f} ms per step; "
+            "step ms = compute / network, the step taken as the longer (tools/plan_network.py)"]
+
+
+def _step_ms(c: StageCost) -> str:
+    if c.compute_ms_per_step is None:
+        return f"- / {c.reduction_ms_per_step:.0f}" if c.reduction_ms_per_step else "-"
+    network = f"{c.reduction_ms_per_step:.0f}" if c.reduction_ms_per_step else "-"
+    return f"{c.compute_ms_per_step:.0f} / {network}"
 
 
 def _per_gpu_batch_line(stages: Sequence[StageCost], hw: Hardware) -> str:
@@ -382,7 +433,7 @@ def _per_gpu_batch_line(stages: Sequence[StageCost], hw: Hardware) -> str:
             + "): give img/s measured at that micro-batch (with gradient accumulation above what fits)")
 
 
-def _format_budget(b: BudgetCheck, hw: Hardware) -> list[str]:
+def _format_budget(b: BudgetCheck, hw: Hardware, network_floor: float = 0.0) -> list[str]:
     head = f"budget {_hours(b.budget_gpu_hours)} {hw.gpu}-hours"
     if b.meets_budget is None:
         verdict = ""
@@ -392,10 +443,15 @@ def _format_budget(b: BudgetCheck, hw: Hardware) -> list[str]:
         verdict = (f": NOT MET (plan {_hours(b.plan_gpu_hours)} GPU-hours, needs a {b.plan_to_budget:.2f}x "
                    "speed-up)")
     needed = ", ".join(f"{res}: {v:.1f}" for res, v in sorted(b.required_img_per_s.items()))
-    return [head + verdict,
-            "  to spend exactly the budget, at the same MFU at every resolution:",
-            f"  MFU {100 * b.required_mfu:.1f}%; img/s per GPU {needed}; wall clock {_hours(b.wall_hours_at_budget)} h "
-            f"on {hw.world_size} GPUs"]
+    lines = [head + verdict,
+             "  to spend exactly the budget, at the same MFU at every resolution:",
+             f"  MFU {100 * b.required_mfu:.1f}%; img/s per GPU {needed}; wall clock {_hours(b.wall_hours_at_budget)} h "
+             f"on {hw.world_size} GPUs"]
+    if network_floor:
+        lines.append(f"  the gradient reduction alone takes {_hours(network_floor)} GPU-hours on this cluster"
+                     + (": OUT OF REACH at any MFU here; use fewer GPUs (more images per GPU per step), "
+                        "--reduce-dtype bf16 or a faster network" if network_floor >= b.budget_gpu_hours else ""))
+    return lines
 
 
 def report_json(r: CostReport) -> dict:
@@ -437,6 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--nodes", type=int, default=32)
     p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--node-gbps", type=float, default=400.0,
+                   help="inter-node bandwidth per node, all NICs, Gbit/s (default: the reference cluster's p4de "
+                        "EFA, 4 x 100); 0 = do not model the gradient reduction")
+    p.add_argument("--reduce-dtype", default="fp32", choices=tuple(REDUCE_BYTES),
+                   help="gradients on the wire (the trainer's parallel.reduce_dtype)")
     p.add_argument("--budget-gpu-hours", type=float, default=DEFAULT_BUDGET_GPU_HOURS)
     p.add_argument("--vae-online", action="store_true",
                    help="latents are not precomputed: count the VAE encoder's forward for every image")
@@ -454,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise PlanError(f"--throughput {args.throughput} was measured on {preset_gpu}, not {args.gpu}; "
                             "use --img-per-s for another GPU")
         hw = Hardware(gpu=args.gpu or preset_gpu or "A100", dtype=args.dtype, nodes=args.nodes,
-                      gpus_per_node=args.gpus_per_node)
+                      gpus_per_node=args.gpus_per_node, node_gbps=args.node_gbps, reduce_dtype=args.reduce_dtype)
         peak_tflops_for(hw.gpu, hw.dtype)  # an unknown GPU is refused before composing configs
         stages = parse_plan(args.plan) if args.plan else stages_from_configs(
             [s.strip() for s in args.stages.split(",") if s.strip()])
