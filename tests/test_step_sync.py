@@ -14,14 +14,10 @@ import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from data.synth import write_synthetic_shards
-from train.distributed import DistEnv
-from train.main import CONF_DIR, to_dataclass
+from train_helpers import in_process_trainer, one_rank_group
 
 HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
               torch.ops.aten.is_nonzero.default}
@@ -57,30 +53,6 @@ def shards(tmp_path_factory):
     return f"{out}/{{00000..00001}}.tar"
 
 
-@contextlib.contextmanager
-def _one_rank_group(backend: str):
-    """FSDP2 needs a process group even for one rank."""
-    if backend != "fsdp":
-        yield
-        return
-    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-def _trainer(tmp_path, shards, *overrides):
-    from train.trainer import Trainer
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"stage.data.shards='{shards}'", f"run.dir={tmp_path / 'run'}",
-                                           "stage.data.num_workers=0", "cluster.gpus_per_node=1",
-                                           "stage.global_batch=4", *overrides])
-    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    return Trainer(to_dataclass(cfg), env, OmegaConf.to_container(cfg, resolve=True))
-
-
 def _steps(trainer, n):
     """n optimiser steps as the loop runs them. The batches are drawn first: the loader is host-side
     data work (its workers' reads are not the step's)."""
@@ -93,8 +65,8 @@ def _steps(trainer, n):
 
 @pytest.mark.parametrize("backend,precision", [("ddp", "fp32"), ("ddp", "fp16"), ("fsdp", "bf16")])
 def test_the_optimizer_step_reads_nothing_back(tmp_path, shards, backend, precision):
-    with _one_rank_group(backend):
-        trainer = _trainer(tmp_path, shards, f"backend={backend}", f"parallel.precision={precision}",
+    with one_rank_group(backend):
+        trainer = in_process_trainer(tmp_path, shards, f"backend={backend}", f"parallel.precision={precision}",
                            "stage.micro_batch=2", "fault.nan_loss_at_steps=[2]")  # accumulation 2, one skip
         assert trainer.accumulation == 2
         steps = _steps(trainer, 4)
@@ -107,8 +79,8 @@ def test_the_optimizer_step_reads_nothing_back(tmp_path, shards, backend, precis
 
 @pytest.mark.parametrize("backend", ["ddp", "fsdp"])
 def test_a_skipped_step_leaves_weights_moments_and_ema_bit_identical(tmp_path, shards, backend):
-    with _one_rank_group(backend):
-        trainer = _trainer(tmp_path, shards, f"backend={backend}", "parallel.precision=fp32",
+    with one_rank_group(backend):
+        trainer = in_process_trainer(tmp_path, shards, f"backend={backend}", "parallel.precision=fp32",
                            "fault.nan_loss_at_steps=[1]")
         steps = _steps(trainer, 3)
         next(steps)

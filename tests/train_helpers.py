@@ -1,6 +1,7 @@
 """Running the real trainer in subprocesses (torchrun, gloo on CPU) from tests."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -45,3 +46,49 @@ def status(run_dir: Path) -> dict:
 def exported_unet(run_dir: Path) -> dict[str, torch.Tensor]:
     sd = torch.load(run_dir / "export" / "model.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     return sd
+
+
+@contextlib.contextmanager
+def one_rank_group(backend: str, always: bool = False):
+    """A one-rank gloo process group: FSDP2 needs one even for one rank; DDP only wraps the module (and
+    reduces its gradients) when there is one, so `always` makes one for it too."""
+    import torch.distributed as dist
+
+    if backend != "fsdp" and not always:
+        yield
+        return
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _compose(overrides):
+    from hydra import compose, initialize_config_dir
+
+    from train.main import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=["stage.data.num_workers=0", "cluster.gpus_per_node=1",
+                                            "stage.global_batch=4", *overrides])
+
+
+def compose_train_config(*overrides: str):
+    """The TrainConfig `python -m train` would build for one CPU rank (global batch 4, no loader workers)."""
+    from train.main import to_dataclass
+
+    return to_dataclass(_compose(overrides))
+
+
+def in_process_trainer(tmp_path: Path, shards: str, *overrides: str):
+    """The real Trainer in this process on one CPU rank (global batch 4, no loader workers)."""
+    from omegaconf import OmegaConf
+
+    from train.distributed import DistEnv
+    from train.main import to_dataclass
+    from train.trainer import Trainer
+
+    cfg = _compose([f"stage.data.shards='{shards}'", f"run.dir={tmp_path / 'run'}", *overrides])
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    return Trainer(to_dataclass(cfg), env, OmegaConf.to_container(cfg, resolve=True))

@@ -23,6 +23,10 @@ class DDPEngine(TorchEngine):
         self.module = (DistributedDataParallel(unet, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
                                                gradient_as_bucket_view=True)
                        if distributed else unet)
+        if distributed and cfg.parallel.reduce_dtype == "bf16":
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+
+            self.module.register_comm_hook(None, bf16_compress_hook)  # each bucket all-reduced in bf16
         self._setup_optimizer(lr_offset)
 
     def _gradient_sync(self, enabled):

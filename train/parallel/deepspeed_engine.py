@@ -43,6 +43,8 @@ def deepspeed_config(cfg, world_size: int, accumulation: int) -> dict:
                               "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # Explicit: DeepSpeed's default reduces in the parameters' dtype (bf16 under bf16), DDP and FSDP2 here in fp32.
+        "communication_data_type": cfg.parallel.reduce_dtype,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,

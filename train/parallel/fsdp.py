@@ -1,5 +1,6 @@
 """FSDP2: `fully_shard` each UNet block, then the root. bf16 (or fp16) parameters for compute with
-fp32 gradient reduction; the sharded fp32 parameters stay the optimiser's master copy."""
+fp32 (or, with parallel.reduce_dtype=bf16, bf16) gradient reduction; the sharded fp32 parameters stay
+the optimiser's master copy."""
 from __future__ import annotations
 
 import contextlib
@@ -10,18 +11,19 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from . import dcp_io
-from .base import compile_blocks, place_unet
+from .base import DTYPES, compile_blocks, place_unet
 from .torch_engine import TorchEngine
 
 
 def parallelize_unet(unet, device_type: str, world_size: int, param_dtype: torch.dtype,
-                     reshard_after_forward: bool, compile_backend: str | None):
+                     reshard_after_forward: bool, compile_backend: str | None,
+                     reduce_dtype: torch.dtype = torch.float32):
     """Compile (with `compile_backend`, None: not) and shard the UNet block by block; returns the same
     module, sharded in place."""
     if compile_backend:
         compile_blocks(unet, compile_backend)
     mesh = init_device_mesh(device_type, (world_size,))
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for block in unet.blocks():
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     # The root keeps time_embed and the output head; it never reshards (its backward runs first).
@@ -38,7 +40,8 @@ class FSDPEngine(TorchEngine):
         place_unet(unet, cfg.parallel, env.device, nhwc_weights=False)  # fully_shard takes contiguous tensors only
         self.module = self.unet = parallelize_unet(unet, env.device.type, env.world_size, self.dtype,
                                                    cfg.parallel.reshard_after_forward,
-                                                   cfg.parallel.compile_backend if cfg.parallel.compile else None)
+                                                   cfg.parallel.compile_backend if cfg.parallel.compile else None,
+                                                   DTYPES[cfg.parallel.reduce_dtype])
         self._setup_optimizer(lr_offset)
 
     def autocast(self):
