@@ -98,34 +98,43 @@ def test_cli_prints_the_table_and_the_total(capsys):
     assert "NOT MET" in out and "MFU 42.1%" in out
 
 
-def test_gradient_reduction_floor_by_hand(sd_v1_plan):
-    """2 (N-1)/N x the fp32 gradients through each node's NICs per step (tools/plan_network.py); the
+def test_collective_floor_by_hand(sd_v1_plan):
+    """(N-1)/N x each collective's bytes through each node's NICs per step (tools/plan_network.py); the
     parameter count is the released checkpoint's (tests/assets/sd_v1_state_dict.json)."""
-    from tools.plan_network import gradient_reduction_seconds, unet_parameter_count
+    from tools.plan_network import collective_seconds, unet_parameter_count
 
     released = json.loads((REPO / "tests/assets/sd_v1_state_dict.json").read_text())["param_counts"]["unet"]
     assert unet_parameter_count() == released == 859_520_964
-    reduction = 2 * 31 / 32 * released * 4 / 50e9  # 400 Gbit/s = 50 GB/s per node: ~133 ms
-    assert gradient_reduction_seconds(32, 400.0) == pytest.approx(reduction)
-    assert gradient_reduction_seconds(32, 400.0, "bf16") == pytest.approx(reduction / 2)
-    assert gradient_reduction_seconds(1, 400.0) == 0.0 and gradient_reduction_seconds(32, 0.0) == 0.0
+    ring, link = 31 / 32, 50e9  # 32 nodes; 400 Gbit/s = 50 GB/s per node
+    ddp = ring * 2 * released * 4 / link  # all-reduce (reduce-scatter + all-gather) of fp32 gradients: ~133 ms
+    assert collective_seconds(32, 400.0, "ddp") == pytest.approx(ddp)
+    assert collective_seconds(32, 400.0, "ddp", "bf16") == pytest.approx(ddp / 2)
+    # FSDP2 / ZeRO-2: reduce-scatter of fp32 gradients + one all-gather of bf16 parameters; resharding
+    # after the forward (or ZeRO-3) gathers them a second time.
+    assert collective_seconds(32, 400.0, "fsdp") == pytest.approx(ring * released * (4 + 2) / link)
+    assert collective_seconds(32, 400.0, "fsdp-reshard") == pytest.approx(ring * released * (4 + 2 + 2) / link)
+    assert collective_seconds(32, 400.0, "zero3", "bf16") == pytest.approx(ring * released * (2 + 2 + 2) / link)
+    assert collective_seconds(1, 400.0) == 0.0 and collective_seconds(32, 0.0) == 0.0
 
-    hw = Hardware(gpu="A100", dtype="bf16", nodes=32, gpus_per_node=8, node_gbps=400.0)
+    hw = Hardware(gpu="A100", dtype="bf16", nodes=32, gpus_per_node=8, node_gbps=400.0, backend="ddp")
     report = plan_cost.plan_cost(sd_v1_plan, hw, plan_cost.THROUGHPUT_PRESETS["mosaicml-a100"].img_per_s)
     at_256, at_512 = report.stages[0], report.stages[1]
     # 8 images per GPU per step: 58 ms of compute at 256 px waits for the network; 220 ms at 512 hides it.
     assert at_256.compute_ms_per_step == pytest.approx(8 / 137.5 * 1e3)
-    assert at_256.compute_ms_per_step < at_256.reduction_ms_per_step == pytest.approx(1e3 * reduction)
-    assert at_256.gpu_hours == pytest.approx(237_000 * reduction * 256 / 3600)
-    assert at_256.img_per_s_effective == pytest.approx(8 / reduction)
+    assert at_256.compute_ms_per_step < at_256.reduction_ms_per_step == pytest.approx(1e3 * ddp)
+    assert at_256.gpu_hours == pytest.approx(237_000 * ddp * 256 / 3600)
+    assert at_256.img_per_s_effective == pytest.approx(8 / ddp)
     assert at_512.gpu_hours == pytest.approx(194_000 * 2048 / 36.3 / 3600)
-    assert report.network_floor_gpu_hours == pytest.approx(1_141_000 * reduction * 256 / 3600)  # ~10,800
+    assert report.network_floor_gpu_hours == pytest.approx(1_141_000 * ddp * 256 / 3600)  # ~10,800
 
 
 def test_cli_says_when_the_network_alone_exceeds_the_budget(capsys):
-    assert plan_cost.main(["--throughput", "mosaicml-a100"]) == 0  # 32 x 8 at 400 Gbit/s by default
+    assert plan_cost.main(["--throughput", "mosaicml-a100", "--backend", "ddp"]) == 0  # 32 x 8, 400 Gbit/s
     out = capsys.readouterr().out
-    assert "3.44 GB) reduced across 32 nodes" in out and "58 / 133" in out and "OUT OF REACH" in out
+    assert "ddp moves 6.88 GB per step" in out and "58 / 133" in out and "OUT OF REACH" in out
+    assert plan_cost.main(["--throughput", "mosaicml-a100"]) == 0  # the trainer's default, FSDP2
+    out = capsys.readouterr().out
+    assert "fsdp moves 5.16 GB per step" in out and "58 / 100" in out and "OUT OF REACH" not in out
     assert plan_cost.main(["--throughput", "mosaicml-a100", "--nodes", "8", "--reduce-dtype", "bf16"]) == 0
     assert "OUT OF REACH" not in capsys.readouterr().out
 
@@ -170,5 +179,7 @@ def test_bad_input_is_refused_with_a_reason(argv, message, capsys):
 def test_api_raises_plan_error(sd_v1_plan):
     with pytest.raises(PlanError, match="no throughput for resolution 512"):
         plan_cost.plan_cost(sd_v1_plan, CLUSTER_32X8, {256: 137.5})
+    with pytest.raises(PlanError, match="--backend 'horovod' one of ddp, fsdp"):
+        plan_cost.plan_cost(sd_v1_plan, Hardware("A100", "bf16", 32, 8, backend="horovod"), None)
     with pytest.raises(PlanError, match="unknown GPU"):
         plan_cost.plan_cost(sd_v1_plan, Hardware("TPU", "bf16", 1, 1), {256: 1.0, 512: 1.0})

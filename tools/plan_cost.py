@@ -5,14 +5,15 @@ and the inverse, the throughput a GPU-hour budget needs.
     python -m tools.plan_cost --img-per-s 256=137.5,512=36.3 --gpu A100 --nodes 32 --gpus-per-node 8
     python -m tools.plan_cost --budget-gpu-hours 10000                       # only what the budget needs
     python -m tools.plan_cost --plan warm:1000:256:256,main:5000:512:512 --img-per-s 256=100,512=30 --json
-    python -m tools.plan_cost --throughput mosaicml-a100 --nodes 8 --node-gbps 400 --reduce-dtype bf16
+    python -m tools.plan_cost --throughput mosaicml-a100 --nodes 8 --node-gbps 400 --backend ddp --reduce-dtype bf16
 
 The default plan is read from the Hydra stage configs (conf/stage/v1-1_256, v1-1_512, v1-2, v1-3),
 composed as `python -m train` composes them, so it follows any change to steps, batch or resolution.
 FLOPs per image are counted (train/flops.py) and MFU uses the same convention as the trainer's
 throughput meter: UNet forward + backward only, unless the frozen encoders run during training.
-The gradient reduction between nodes (tools/plan_network.py) bounds each step from below: a stage whose
-per-GPU batch computes faster than the network reduces its gradients runs at the network's pace.
+The collectives between nodes (tools/plan_network.py) bound each step from below: a stage whose per-GPU
+batch computes faster than the network moves its gradients (and sharded parameters) runs at the
+network's pace.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
-from tools.plan_network import REDUCE_BYTES, gradient_reduction_seconds
+from tools.plan_network import BACKEND_VOLUME, REDUCE_DTYPES, bytes_per_step, collective_seconds
 
 # The SD v1 chain, in order (sd-v1-1 at 256 then 512, sd-v1-2, sd-v1-3).
 SD_V1_STAGES = ("v1-1_256", "v1-1_512", "v1-2", "v1-3")
@@ -79,9 +80,11 @@ class Hardware:
     dtype: str
     nodes: int
     gpus_per_node: int
-    # Inter-node bandwidth per node (all NICs, Gbit/s) and the gradients' dtype on the wire; 0 = the
-    # network is not modelled (one node, or a throughput measured on the whole cluster).
+    # Inter-node bandwidth per node (all NICs, Gbit/s; 0 = the network is not modelled: one node, or a
+    # throughput measured on the whole cluster), the data-parallel backend and the gradients' dtype on
+    # the wire (tools/plan_network.py).
     node_gbps: float = 0.0
+    backend: str = "fsdp"
     reduce_dtype: str = "fp32"
 
     @property
@@ -90,8 +93,8 @@ class Hardware:
 
     @property
     def reduction_s(self) -> float:
-        """The gradient reduction's floor per optimiser step (tools/plan_network.py)."""
-        return gradient_reduction_seconds(self.nodes, self.node_gbps, self.reduce_dtype)
+        """The collectives' floor per optimiser step (tools/plan_network.py)."""
+        return collective_seconds(self.nodes, self.node_gbps, self.backend, self.reduce_dtype, self.dtype)
 
     @property
     def peak_flops(self) -> float:
@@ -321,9 +324,10 @@ def plan_cost(stages: Sequence[Stage], hw: Hardware, img_per_s: dict[int, float]
         raise PlanError("the plan has no stages")
     if hw.nodes < 1 or hw.gpus_per_node < 1:
         raise PlanError(f"--nodes {hw.nodes}, --gpus-per-node {hw.gpus_per_node}: both must be >= 1")
-    if hw.node_gbps < 0 or hw.reduce_dtype not in REDUCE_BYTES:
-        raise PlanError(f"--node-gbps {hw.node_gbps} must be >= 0 (0: the network is not modelled) and "
-                        f"--reduce-dtype {hw.reduce_dtype!r} one of {', '.join(REDUCE_BYTES)}")
+    if hw.node_gbps < 0 or hw.reduce_dtype not in REDUCE_DTYPES or hw.backend not in BACKEND_VOLUME:
+        raise PlanError(f"--node-gbps {hw.node_gbps} must be >= 0 (0: the network is not modelled), --backend "
+                        f"{hw.backend!r} one of {', '.join(BACKEND_VOLUME)} and --reduce-dtype {hw.reduce_dtype!r} "
+                        f"one of {', '.join(REDUCE_DTYPES)}")
     peak = peak_tflops_for(hw.gpu, hw.dtype)  # refuses an unknown GPU before any FLOP counting
     if img_per_s is not None:
         missing = [s for s in stages if s.resolution not in img_per_s]
@@ -405,11 +409,8 @@ def format_report(r: CostReport) -> str:
 def _network_lines(hw: Hardware) -> list[str]:
     if hw.reduction_s == 0:
         return ["network: not modelled (one node, or --node-gbps 0)"]
-    from tools.plan_network import unet_parameter_count
-
-    params = unet_parameter_count()
-    gigabytes = params * REDUCE_BYTES[hw.reduce_dtype] / 1e9
-    return [f"network: {params / 1e6:.1f}M gradients in {hw.reduce_dtype} ({gigabytes:.2f} GB) reduced across "
+    gigabytes = bytes_per_step(hw.backend, hw.reduce_dtype, hw.dtype) / 1e9
+    return [f"network: {hw.backend} moves {gigabytes:.2f} GB per step (gradients in {hw.reduce_dtype}) across "
             f"{hw.nodes} nodes at {hw.node_gbps:g} Gbit/s each: >= {1e3 * hw.reduction_s:.0f} ms per step; "
             "step ms = compute / network, the step taken as the longer (tools/plan_network.py)"]
 
@@ -448,9 +449,10 @@ def _format_budget(b: BudgetCheck, hw: Hardware, network_floor: float = 0.0) -> 
              f"  MFU {100 * b.required_mfu:.1f}%; img/s per GPU {needed}; wall clock {_hours(b.wall_hours_at_budget)} h "
              f"on {hw.world_size} GPUs"]
     if network_floor:
-        lines.append(f"  the gradient reduction alone takes {_hours(network_floor)} GPU-hours on this cluster"
+        lines.append(f"  the collectives alone take {_hours(network_floor)} GPU-hours on this cluster"
                      + (": OUT OF REACH at any MFU here; use fewer GPUs (more images per GPU per step), "
-                        "--reduce-dtype bf16 or a faster network" if network_floor >= b.budget_gpu_hours else ""))
+                        "--reduce-dtype bf16, a backend that moves less or a faster network"
+                        if network_floor >= b.budget_gpu_hours else ""))
     return lines
 
 
@@ -496,7 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-gbps", type=float, default=400.0,
                    help="inter-node bandwidth per node, all NICs, Gbit/s (default: the reference cluster's p4de "
                         "EFA, 4 x 100); 0 = do not model the gradient reduction")
-    p.add_argument("--reduce-dtype", default="fp32", choices=tuple(REDUCE_BYTES),
+    p.add_argument("--backend", default="fsdp", choices=tuple(BACKEND_VOLUME),
+                   help="what crosses the network each step: ddp (all-reduce), fsdp (the trainer's default; "
+                        "fsdp-reshard with parallel.reshard_after_forward=true), zero2 / zero3 (DeepSpeed)")
+    p.add_argument("--reduce-dtype", default="fp32", choices=REDUCE_DTYPES,
                    help="gradients on the wire (the trainer's parallel.reduce_dtype)")
     p.add_argument("--budget-gpu-hours", type=float, default=DEFAULT_BUDGET_GPU_HOURS)
     p.add_argument("--vae-online", action="store_true",
@@ -515,7 +520,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise PlanError(f"--throughput {args.throughput} was measured on {preset_gpu}, not {args.gpu}; "
                             "use --img-per-s for another GPU")
         hw = Hardware(gpu=args.gpu or preset_gpu or "A100", dtype=args.dtype, nodes=args.nodes,
-                      gpus_per_node=args.gpus_per_node, node_gbps=args.node_gbps, reduce_dtype=args.reduce_dtype)
+                      gpus_per_node=args.gpus_per_node, node_gbps=args.node_gbps, backend=args.backend,
+                      reduce_dtype=args.reduce_dtype)
         peak_tflops_for(hw.gpu, hw.dtype)  # an unknown GPU is refused before composing configs
         stages = parse_plan(args.plan) if args.plan else stages_from_configs(
             [s.strip() for s in args.stages.split(",") if s.strip()])
