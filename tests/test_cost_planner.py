@@ -34,6 +34,12 @@ def test_default_plan_comes_from_the_stage_configs(sd_v1_plan):
     assert by_res == {256: IMAGES_256, 512: IMAGES_512}
     # The rounded figures: 485M images at 256, 1.85B at 512.
     assert round(by_res[256] / 1e6) == 485 and round(by_res[512] / 1e7) == 185
+    # The SD stages read images and captions (stage.data.latents / context false): both encoders run in
+    # the loop, which the default count (UNet only) leaves out, and the report says so.
+    assert all(s.online_encoders == ("VAE encode", "text encode") for s in sd_v1_plan)
+    assert "run VAE encode and text encode in the loop" in plan_cost.format_report(report)
+    counted = plan_cost.plan_cost(sd_v1_plan, CLUSTER_32X8, None, flops_model=FlopsModel(True, True))
+    assert "in the loop" not in plan_cost.format_report(counted)
 
 
 def test_gpu_hours_on_a_small_plan_by_hand():

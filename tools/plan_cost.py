@@ -60,6 +60,9 @@ class Stage:
     steps: int
     global_batch: int
     resolution: int
+    # Frozen encoders the stage's config runs in the training loop ("VAE encode", "text encode"): its
+    # shards hold images / captions, not precomputed latents / text embeddings.
+    online_encoders: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.global_batch <= 0:
@@ -135,6 +138,7 @@ class StageCost:
     mfu: float | None  # at the effective throughput
     gpu_hours: float | None
     wall_hours: float | None
+    online_encoders: tuple[str, ...] = ()
     compute_ms_per_step: float | None = None  # this GPU's share of the global batch at the given img/s
     reduction_ms_per_step: float = 0.0  # the gradient reduction between nodes, at best
     img_per_s_effective: float | None = None  # per GPU, each step max(compute, reduction) long
@@ -240,8 +244,11 @@ def stages_from_configs(names: Sequence[str]) -> list[Stage]:
             # Hydra's message lists the stage configs that exist; its search path is noise here.
             message = str(err).split("Config search path")[0].strip()
             raise PlanError(f"stage config {name!r}: {message}") from err
+        online = (("VAE encode",) if not cfg.stage.data.latents else ()) + \
+                 (("text encode",) if not cfg.stage.data.context else ())
         stages.append(Stage(name=str(cfg.stage.name), steps=int(cfg.stage.steps),
-                            global_batch=int(cfg.stage.global_batch), resolution=int(cfg.stage.data.resolution)))
+                            global_batch=int(cfg.stage.global_batch), resolution=int(cfg.stage.data.resolution),
+                            online_encoders=online))
     return stages
 
 
@@ -286,7 +293,7 @@ def stage_cost(stage: Stage, flops_per_image: float, img_per_s: float | None, hw
     reduction_s = hw.reduction_s
     common = dict(name=stage.name, resolution=stage.resolution, steps=stage.steps, global_batch=stage.global_batch,
                   images=images, flops_per_image=flops_per_image, flops=images * flops_per_image,
-                  reduction_ms_per_step=1e3 * reduction_s,
+                  online_encoders=stage.online_encoders, reduction_ms_per_step=1e3 * reduction_s,
                   network_floor_gpu_hours=stage.steps * reduction_s * hw.world_size / 3600.0)
     if img_per_s is None:
         return StageCost(**common, img_per_s_per_gpu=None, mfu=None, gpu_hours=None, wall_hours=None)
@@ -386,6 +393,7 @@ def format_report(r: CostReport) -> str:
                                                        " (latents and text embeddings precomputed)"),
         f"throughput: {r.throughput_source or 'none given (budget only)'}",
         _per_gpu_batch_line(r.stages, hw),
+        *_uncounted_encoder_lines(r),
         "",
         *_network_lines(hw),
         "",
@@ -404,6 +412,20 @@ def format_report(r: CostReport) -> str:
                   f"{'':>9} {'':>13} {'':>6} {_hours(t.gpu_hours):>10}" for t in r.by_resolution]
     lines += ["", *_format_budget(r.budget, hw, r.network_floor_gpu_hours)]
     return "\n".join(lines)
+
+
+def _uncounted_encoder_lines(r: CostReport) -> list[str]:
+    """The stage configs run an encoder in the loop that the FLOP count leaves out: a UNet-only img/s
+    (bench/unet_step.py) would overstate those stages' throughput."""
+    counted = {"VAE encode": r.flops_model.vae_encode, "text encode": r.flops_model.text_encode}
+    missing = sorted({e for c in r.stages for e in c.online_encoders if not counted[e]})
+    if not missing:
+        return []
+    names = ", ".join(c.name for c in r.stages if set(c.online_encoders) & set(missing))
+    flags = " ".join("--vae-online" if e == "VAE encode" else "--text-online" for e in missing)
+    return [f"note: {names} run {' and '.join(missing)} in the loop (stage.data.latents / context false), "
+            f"not counted here: give img/s measured with them and add {flags}, or precompute (python -m data "
+            "precompute)"]
 
 
 def _network_lines(hw: Hardware) -> list[str]:
