@@ -32,11 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.unet_step import time_steps  # noqa: E402
 from models import configs  # noqa: E402
+from models.attention import SDPA_BACKENDS as KERNELS  # noqa: E402
 from models.attention import attention  # noqa: E402
 from models.unet import CrossAttention, UNetModel  # noqa: E402
-
-KERNELS = ("sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient")
-
 
 @dataclass(frozen=True, order=True)
 class Call:

@@ -11,6 +11,7 @@ times 3 for forward + backward (the convention MosaicML and the issue tracker us
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import configs  # noqa: E402
 from models.adapters import diffusers_unet  # noqa: E402
-from models.attention import SDPA_KERNELS  # noqa: E402
+from models.attention import SDPA_BACKENDS, SDPA_KERNELS  # noqa: E402
 from models.unet import UNetModel  # noqa: E402
 from train.flops import peak_tflops, unet_train_flops_per_image  # noqa: E402
 from train.parallel.base import compile_blocks, compile_in_place  # noqa: E402
@@ -98,16 +99,15 @@ def build(impl: str, cfg: configs.UNetConfig, device: str, channels_last: bool, 
             model.enable_gradient_checkpointing()
         elif ac != "none":
             raise ValueError(f"diffusers has no {ac!r} activation checkpointing")
-        if attention.startswith("sdpa-"):  # diffusers calls F.scaled_dot_product_attention: pin its kernel
-            kernel = SDPA_KERNELS[attention[5:]]
-
-            def forward(x, t, c):
-                with sdpa_kernel([kernel]):  # traced by torch.compile, as in our CrossAttention
-                    return model(x, t, encoder_hidden_states=c, return_dict=False)[0]
-        elif attention == "sdpa":
-            forward = lambda x, t, c: model(x, t, encoder_hidden_states=c, return_dict=False)[0]  # noqa: E731
-        else:
+        if attention not in SDPA_BACKENDS:
             raise ValueError(f"diffusers runs SDPA only, not attention {attention!r}")
+        # diffusers calls F.scaled_dot_product_attention: a pinned kernel is pinned around its forward
+        # (traced by torch.compile, as in our CrossAttention).
+        pin = (lambda: sdpa_kernel([SDPA_KERNELS[attention[5:]]])) if attention != "sdpa" else contextlib.nullcontext
+
+        def forward(x, t, c):
+            with pin():
+                return model(x, t, encoder_hidden_states=c, return_dict=False)[0]
         if compile_ and impl == "diffusers-whole":
             model.compile(dynamic=False, mode=mode)
         elif compile_:

@@ -22,7 +22,9 @@ SDPA_KERNELS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
 }
-BACKENDS = ("sdpa", *(f"sdpa-{name}" for name in SDPA_KERNELS), "xformers", "math")
+# torch's own choice of SDPA kernel, then each pinned one.
+SDPA_BACKENDS = ("sdpa", *(f"sdpa-{name}" for name in SDPA_KERNELS))
+BACKENDS = (*SDPA_BACKENDS, "xformers", "math")
 
 
 def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
-from tools.plan_network import BACKEND_VOLUME, REDUCE_DTYPES, bytes_per_step, collective_seconds
+from tools.plan_network import BACKEND_VOLUME, bytes_per_step, collective_seconds
+from train.config import REDUCE_DTYPES
 
 # The SD v1 chain, in order (sd-v1-1 at 256 then 512, sd-v1-2, sd-v1-3).
 SD_V1_STAGES = ("v1-1_256", "v1-1_512", "v1-2", "v1-3")
@@ -95,7 +96,7 @@ class Hardware:
         return self.nodes * self.gpus_per_node
 
     @property
-    def reduction_s(self) -> float:
+    def network_s(self) -> float:
         """The collectives' floor per optimiser step (tools/plan_network.py)."""
         return collective_seconds(self.nodes, self.node_gbps, self.backend, self.reduce_dtype, self.dtype)
 
@@ -140,9 +141,9 @@ class StageCost:
     wall_hours: float | None
     online_encoders: tuple[str, ...] = ()
     compute_ms_per_step: float | None = None  # this GPU's share of the global batch at the given img/s
-    reduction_ms_per_step: float = 0.0  # the gradient reduction between nodes, at best
-    img_per_s_effective: float | None = None  # per GPU, each step max(compute, reduction) long
-    network_floor_gpu_hours: float = 0.0  # the steps at the reduction's pace alone: no MFU goes below it
+    network_ms_per_step: float = 0.0  # the collectives between nodes (gradients, sharded parameters), at best
+    img_per_s_effective: float | None = None  # per GPU, each step max(compute, network) long
+    network_floor_gpu_hours: float = 0.0  # the steps at the network's pace alone: no MFU goes below it
 
 
 @dataclass(frozen=True)
@@ -290,16 +291,16 @@ def parse_img_per_s(text: str) -> dict[int, float]:
 
 def stage_cost(stage: Stage, flops_per_image: float, img_per_s: float | None, hw: Hardware) -> StageCost:
     images = stage.images
-    reduction_s = hw.reduction_s
+    network_s = hw.network_s
     common = dict(name=stage.name, resolution=stage.resolution, steps=stage.steps, global_batch=stage.global_batch,
                   images=images, flops_per_image=flops_per_image, flops=images * flops_per_image,
-                  online_encoders=stage.online_encoders, reduction_ms_per_step=1e3 * reduction_s,
-                  network_floor_gpu_hours=stage.steps * reduction_s * hw.world_size / 3600.0)
+                  online_encoders=stage.online_encoders, network_ms_per_step=1e3 * network_s,
+                  network_floor_gpu_hours=stage.steps * network_s * hw.world_size / 3600.0)
     if img_per_s is None:
         return StageCost(**common, img_per_s_per_gpu=None, mfu=None, gpu_hours=None, wall_hours=None)
     per_gpu = stage.global_batch / hw.world_size
     compute_s = per_gpu / img_per_s
-    effective = per_gpu / max(compute_s, reduction_s)
+    effective = per_gpu / max(compute_s, network_s)
     gpu_hours = images / effective / 3600.0
     return StageCost(**common, img_per_s_per_gpu=img_per_s, mfu=effective * flops_per_image / hw.peak_flops,
                      gpu_hours=gpu_hours, wall_hours=gpu_hours / hw.world_size, compute_ms_per_step=1e3 * compute_s,
@@ -429,19 +430,19 @@ def _uncounted_encoder_lines(r: CostReport) -> list[str]:
 
 
 def _network_lines(hw: Hardware) -> list[str]:
-    if hw.reduction_s == 0:
+    if hw.network_s == 0:
         return ["network: not modelled (one node, or --node-gbps 0)"]
     gigabytes = bytes_per_step(hw.backend, hw.reduce_dtype, hw.dtype) / 1e9
     return [f"network: {hw.backend} moves {gigabytes:.2f} GB per step (gradients in {hw.reduce_dtype}) across "
-            f"{hw.nodes} nodes at {hw.node_gbps:g} Gbit/s each: >= {1e3 * hw.reduction_s:.0f} ms per step; "
+            f"{hw.nodes} nodes at {hw.node_gbps:g} Gbit/s each: >= {1e3 * hw.network_s:.0f} ms per step; "
             "step ms = compute / network, the step taken as the longer (tools/plan_network.py)"]
 
 
 def _step_ms(c: StageCost) -> str:
-    if c.compute_ms_per_step is None:
-        return f"- / {c.reduction_ms_per_step:.0f}" if c.reduction_ms_per_step else "-"
-    network = f"{c.reduction_ms_per_step:.0f}" if c.reduction_ms_per_step else "-"
-    return f"{c.compute_ms_per_step:.0f} / {network}"
+    """"compute / network" ms per step; "-" for what is not known (no throughput) or not modelled."""
+    compute = _opt(c.compute_ms_per_step, ".0f")
+    network = f"{c.network_ms_per_step:.0f}" if c.network_ms_per_step else "-"
+    return "-" if compute == network == "-" else f"{compute} / {network}"
 
 
 def _per_gpu_batch_line(stages: Sequence[StageCost], hw: Hardware) -> str:
@@ -519,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--node-gbps", type=float, default=400.0,
                    help="inter-node bandwidth per node, all NICs, Gbit/s (default: the reference cluster's p4de "
-                        "EFA, 4 x 100); 0 = do not model the gradient reduction")
+                        "EFA, 4 x 100); 0 = do not model the collectives")
     p.add_argument("--backend", default="fsdp", choices=tuple(BACKEND_VOLUME),
                    help="what crosses the network each step: ddp (all-reduce), fsdp (the trainer's default; "
                         "fsdp-reshard with parallel.reshard_after_forward=true), zero2 / zero3 (DeepSpeed)")

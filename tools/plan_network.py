@@ -21,7 +21,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-REDUCE_DTYPES = ("fp32", "bf16")  # parallel.reduce_dtype
 # Collective volume per step in units of (gradient bytes G, parameter bytes P).
 BACKEND_VOLUME = {
     "ddp": (2, 0),           # all-reduce of the gradients

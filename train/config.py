@@ -78,6 +78,10 @@ class EMAConfig:
     update_every: str = "step"
 
 
+# parallel.reduce_dtype: the dtypes gradients may cross the network in (tools/plan_network.py models them).
+REDUCE_DTYPES = ("fp32", "bf16")
+
+
 @dataclass
 class ParallelConfig:
     # mixed precision: "bf16" (no loss scaling), "fp16" (dynamic loss scaling), "fp32".
@@ -250,8 +254,8 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
     if cfg.parallel.compile_backend not in ("inductor", "aot_eager", "eager"):
         raise ConfigError(f"parallel.compile_backend={cfg.parallel.compile_backend!r}: choose inductor, aot_eager "
                           "or eager")
-    if cfg.parallel.reduce_dtype not in ("fp32", "bf16"):
-        raise ConfigError(f"parallel.reduce_dtype={cfg.parallel.reduce_dtype!r}: choose fp32 or bf16")
+    if cfg.parallel.reduce_dtype not in REDUCE_DTYPES:
+        raise ConfigError(f"parallel.reduce_dtype={cfg.parallel.reduce_dtype!r}: choose {' or '.join(REDUCE_DTYPES)}")
     if cfg.backend == "deepspeed" and cfg.parallel.zero_stage not in (1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage}: DeepSpeed ZeRO stage must be 1, 2 or 3")
     if cfg.optim.scale_lr:
