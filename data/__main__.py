@@ -3,7 +3,8 @@
     python -m data filter laion2B-en/ --stage laion-improved-aesthetics --out subsets/aesthetics
     python -m data download-env --path .venv-img2dataset
     python -m data download subsets/aesthetics --stage laion-improved-aesthetics --out shards/aesthetics
-    python -m data precompute shards/aesthetics --checkpoint sd-v1-1.ckpt --resolution 512 --out latents/aesthetics
+    python -m data precompute shards/aesthetics --checkpoint sd-v1-1.ckpt --stage laion-improved-aesthetics \
+        --no-text --out latents/aesthetics
     python -m data synth --out shards/synth --shards 4 --samples-per-shard 256
 
 Each prints a summary at the end; filter, download and precompute also write a JSON report.

@@ -94,6 +94,10 @@ class LoaderConfig:
             raise ValueError(f"loader.crop={self.crop!r}: choose one of {CROPS}")
         if self.resize not in RESIZES:
             raise ValueError(f"loader.resize={self.resize!r}: choose one of {RESIZES}")
+        if self.latents and self.crop != "center":
+            raise ValueError(f"loader.crop={self.crop!r} with latents=True: precomputed latents hold the centre crop "
+                             "made when they were computed (data/precompute.py); set crop='center', or read image "
+                             "shards (latents=False)")
         if self.context and not self.latents:
             raise ValueError("loader.context=True reads precomputed text embeddings: it needs latents=True")
 

@@ -179,20 +179,26 @@ class Stage:
     filter: SubsetFilter
     used_by: str
     source: str
+    # At most this many metadata rows, where a published count bounds the subset (None: none known).
+    # Rows, not images: some URLs no longer download. The cost planner bounds the images to precompute
+    # with it (a stage that draws more samples than this repeats images).
+    max_rows: int | None = None
 
 
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
         Stage("laion2b-en", 256, SubsetFilter(), used_by="v1-1, 256 px phase (237k steps)",
-              source="laion2B-en metadata, all rows"),
+              source="laion2B-en metadata, all rows", max_rows=2_322_161_808),  # the LAION-5B paper's count
         Stage("laion-high-resolution", 512, SubsetFilter(min_width=1024, min_height=1024),
               used_by="v1-1, 512 px phase (194k steps)",
-              source="LAION-5B metadata (all three parts; the model card counts ~170M rows)"),
+              source="LAION-5B metadata (all three parts; the model card counts ~170M rows)", max_rows=170_000_000),
         Stage("laion-improved-aesthetics", 512,
               SubsetFilter(min_width=512, min_height=512, min_aesthetic=5.0, max_pwatermark=0.5),
               used_by="v1-2 (515k steps) and v1-3 (195k steps, 10% caption dropout)",
-              source="laion2B-en metadata joined with the improved aesthetic predictor's scores"),
+              source="laion2B-en metadata joined with the improved aesthetic predictor's scores",
+              # LAION-Aesthetics V2 5+'s published count, before the size and watermark rules: a bound.
+              max_rows=600_000_000),
     )
 }
 

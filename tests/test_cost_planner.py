@@ -34,12 +34,46 @@ def test_default_plan_comes_from_the_stage_configs(sd_v1_plan):
     assert by_res == {256: IMAGES_256, 512: IMAGES_512}
     # The issue's rounded figures: 485M images at 256, 1.85B at 512.
     assert round(by_res[256] / 1e6) == 485 and round(by_res[512] / 1e7) == 185
-    # The SD stages read images and captions (stage.data.latents / context false): both encoders run in
-    # the loop, which the default count (UNet only) leaves out, and the report says so.
-    assert all(s.online_encoders == ("VAE encode", "text encode") for s in sd_v1_plan)
-    assert "run VAE encode and text encode in the loop" in plan_cost.format_report(report)
+    # v1-1_256 reads images, the 512 px stages precomputed latents (conf/stage); all read captions. The
+    # default count (UNet only) leaves the text encoder out and says so; the VAE encoder has its own table.
+    assert [s.online_encoders for s in sd_v1_plan] == [("VAE encode", "text encode")] + [("text encode",)] * 3
+    assert [s.dataset for s in sd_v1_plan] == [None, "laion-high-resolution"] + ["laion-improved-aesthetics"] * 2
+    text = plan_cost.format_report(report)
+    assert "v1-1_256, v1-1_512, v1-2, v1-3 run the text encoder in the loop" in text and "VAE encoder" in text
     counted = plan_cost.plan_cost(sd_v1_plan, CLUSTER_32X8, None, flops_model=FlopsModel(True, True))
-    assert "in the loop" not in plan_cost.format_report(counted)
+    assert "in the loop" not in plan_cost.format_report(counted) and counted.vae_encoder == []
+
+
+def test_vae_encoder_precomputed_and_in_the_loop_by_hand(sd_v1_plan):
+    """Precomputing encodes each distinct image once; the loop encodes every sample, but costs nothing
+    while a step waits for the network. The encoder is assumed at the UNet step's MFU."""
+    hw = Hardware(gpu="A100", dtype="bf16", nodes=32, gpus_per_node=8, node_gbps=400.0)
+    report = plan_cost.plan_cost(sd_v1_plan, hw, {256: 137.5, 512: 36.3})
+    v256, hires, aesthetics = report.vae_encoder
+    assert (v256.dataset, hires.dataset, aesthetics.dataset) == (
+        "v1-1_256's shards", "laion-high-resolution", "laion-improved-aesthetics")
+    assert (v256.stages, hires.stages, aesthetics.stages) == (("v1-1_256",), ("v1-1_512",), ("v1-2", "v1-3"))
+    assert (v256.precomputed, hires.precomputed, aesthetics.precomputed) == (False, True, True)  # as shipped
+    # Images to encode: the samples drawn, or the subset's rows where fewer (the model card's ~170M rows of
+    # laion-high-resolution; at most LAION-Aesthetics V2 5+'s 600M for the improved-aesthetics subset).
+    assert (v256.samples, v256.images) == (IMAGES_256, IMAGES_256)
+    assert (hires.samples, hires.images) == (194_000 * 2048, 170_000_000)
+    assert (aesthetics.samples, aesthetics.images) == ((515_000 + 195_000) * 2048, 600_000_000)
+    # The encoder's seconds per image = its FLOPs / (img/s x the UNet's FLOPs per image).
+    encode_s = {res: plan_cost.vae_encode_flops_per_image(res) / (ips * FlopsModel().per_image(res))
+                for res, ips in ((256, 137.5), (512, 36.3))}
+    assert hires.precompute_gpu_hours == pytest.approx(170e6 * encode_s[512] / 3600)
+    assert v256.precompute_gpu_hours == pytest.approx(IMAGES_256 * encode_s[256] / 3600)
+    # In the loop at 256 px: 8 images per GPU compute in 58 ms + 8 x 3.7 ms of encoder, under the 100 ms
+    # the network takes (tools/plan_network.py): free. At 512 px the step computes longer than the network
+    # waits, so every sample's encoder adds its time.
+    assert 8 / 137.5 + 8 * encode_s[256] < hw.network_s < 8 / 36.3
+    assert v256.loop_gpu_hours == 0
+    assert hires.loop_gpu_hours == pytest.approx(194_000 * 2048 * encode_s[512] / 3600)
+    assert report.vae_encoder_gpu_hours == pytest.approx(hires.precompute_gpu_hours + aesthetics.precompute_gpu_hours)
+    assert "training + VAE encoder as the stages run it: " in plan_cost.format_report(report)
+    # Without a throughput only the image counts are known.
+    assert plan_cost.plan_cost(sd_v1_plan, hw, None).vae_encoder[1].precompute_gpu_hours is None
 
 
 def test_gpu_hours_on_a_small_plan_by_hand():

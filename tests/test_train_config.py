@@ -61,6 +61,17 @@ def test_sd_stages_run_compiled_without_checkpointing_and_reduce_in_fp32():
         assert cfg.parallel.cudnn_benchmark and cfg.parallel.channels_last, stage
 
 
+def test_sd_stages_read_latents_where_they_repeat_images():
+    """v1-1_256 draws a fifth of laion2B-en once: images, the VAE encoder in the loop. From v1-1_512 on each
+    image comes round more than twice: precomputed latents (centre crops, as the loader takes them),
+    captions still encoded in the loop."""
+    v1_1_256, *later = (_compose(f"stage={s}") for s in ("v1-1_256", "v1-1_512", "v1-2", "v1-3"))
+    assert not v1_1_256.stage.data.latents
+    for cfg in later:
+        data = cfg.stage.data
+        assert data.latents and not data.context and data.crop == "center", cfg.stage.name
+
+
 def test_stage_chain_is_explicit_about_what_carries_over():
     v11_512, v12, v13 = (_compose(f"stage={s}") for s in ("v1-1_512", "v1-2", "v1-3"))
     assert v11_512.stage.init.from_checkpoint.endswith("v1-1_256/export") and v11_512.stage.data.resolution == 512

@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
 from tools.plan_network import BACKEND_VOLUME, bytes_per_step, collective_seconds
@@ -64,6 +64,9 @@ class Stage:
     # Frozen encoders the stage's config runs in the training loop ("VAE encode", "text encode"): its
     # shards hold images / captions, not precomputed latents / text embeddings.
     online_encoders: tuple[str, ...] = ()
+    # The LAION subset its shards hold (stage.data.subset; data/stages.py): stages on the same subset
+    # and resolution share one precompute pass. None: the stage's own shards.
+    dataset: str | None = None
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.global_batch <= 0:
@@ -147,6 +150,30 @@ class StageCost:
 
 
 @dataclass(frozen=True)
+class VaeEncoderCost:
+    """The frozen VAE encoder for one dataset at one resolution, both ways: precomputed (`python -m data
+    precompute`: one forward per distinct image, before training) or in the training loop (one per
+    sample). Hours assume the encoder runs at the UNet step's compute MFU."""
+
+    dataset: str  # a data/stages.py subset, or "<stage>'s shards"
+    resolution: int
+    stages: tuple[str, ...]
+    precomputed: bool  # what these stages' configs do (stage.data.latents)
+    samples: int  # training samples drawn from it: what the loop encodes
+    images: int  # what a precompute encodes: the samples drawn, or fewer where the subset has fewer rows
+    flops_per_image: float
+    precompute_gpu_hours: float | None  # None: no throughput given
+    # What the encoder adds to the training steps: nothing where a step waits for the network anyway
+    # (the encoder's time hides in the wait), its full time where the step computes longer.
+    loop_gpu_hours: float | None
+
+    @property
+    def gpu_hours(self) -> float | None:
+        """As the stages run it."""
+        return self.precompute_gpu_hours if self.precomputed else self.loop_gpu_hours
+
+
+@dataclass(frozen=True)
 class ResolutionTotal:
     resolution: int
     images: int
@@ -178,6 +205,8 @@ class CostReport:
     total_wall_hours: float | None
     budget: BudgetCheck
     network_floor_gpu_hours: float = 0.0
+    vae_encoder: list[VaeEncoderCost] = field(default_factory=list)
+    vae_encoder_gpu_hours: float | None = None  # as the stages run it (precomputed or in the loop)
 
 
 # ---- FLOPs and peaks ------------------------------------------------------------------------------
@@ -249,7 +278,7 @@ def stages_from_configs(names: Sequence[str]) -> list[Stage]:
                  (("text encode",) if not cfg.stage.data.context else ())
         stages.append(Stage(name=str(cfg.stage.name), steps=int(cfg.stage.steps),
                             global_batch=int(cfg.stage.global_batch), resolution=int(cfg.stage.data.resolution),
-                            online_encoders=online))
+                            online_encoders=online, dataset=cfg.stage.data.subset))
     return stages
 
 
@@ -347,13 +376,60 @@ def plan_cost(stages: Sequence[Stage], hw: Hardware, img_per_s: dict[int, float]
     costs = [stage_cost(s, flops_model.per_image(s.resolution),
                         None if img_per_s is None else img_per_s[s.resolution], hw) for s in stages]
     total_hours = _total(c.gpu_hours for c in costs)
+    vae_encoder = vae_encoder_costs(stages, costs, flops_model, hw)
     return CostReport(
         hardware=hw, peak_tflops=peak, flops_model=flops_model, throughput_source=throughput_source, stages=costs,
         by_resolution=by_resolution(costs), total_images=sum(c.images for c in costs),
         total_flops=sum(c.flops for c in costs),
         total_gpu_hours=total_hours, total_wall_hours=None if total_hours is None else total_hours / hw.world_size,
         budget=budget_check(costs, budget_gpu_hours, hw),
-        network_floor_gpu_hours=sum(c.network_floor_gpu_hours for c in costs))
+        network_floor_gpu_hours=sum(c.network_floor_gpu_hours for c in costs),
+        vae_encoder=vae_encoder, vae_encoder_gpu_hours=_total(v.gpu_hours for v in vae_encoder) if vae_encoder else None)
+
+
+def vae_encoder_costs(stages: Sequence[Stage], costs: Sequence[StageCost], flops_model: FlopsModel,
+                      hw: Hardware) -> list[VaeEncoderCost]:
+    """The VAE encoder's cost per dataset, precomputed and in the loop, for the stages whose FLOPs leave
+    it out (all of them unless --vae-online). Stages on one subset at one resolution share a precompute
+    (v1-2 and v1-3), and a subset with fewer rows than the samples drawn bounds it (v1-1_512 draws 397M
+    samples from laion-high-resolution's ~170M rows)."""
+    from data.stages import STAGES
+
+    if flops_model.vae_encode:
+        return []  # counted in every image's FLOPs (a throughput measured with the encoder in the loop)
+    groups: dict[tuple[str, int, bool], list[tuple[Stage, StageCost]]] = {}
+    for stage, cost in zip(stages, costs):
+        label = stage.dataset or f"{stage.name}'s shards"
+        precomputed = "VAE encode" not in stage.online_encoders
+        groups.setdefault((label, stage.resolution, precomputed), []).append((stage, cost))
+    out = []
+    for (label, resolution, precomputed), members in groups.items():
+        samples = sum(c.images for _, c in members)
+        max_rows = STAGES[label].max_rows if label in STAGES else None
+        images = samples if max_rows is None else min(samples, max_rows)
+        per_image = vae_encode_flops_per_image(resolution)
+        precompute_hours = loop_hours = None
+        if all(c.img_per_s_per_gpu for _, c in members):
+            # The encoder at the UNet step's compute MFU: its seconds per image are the step's, scaled by
+            # the FLOP ratio. Stages at one resolution share a throughput.
+            encoder_s = per_image / (members[0][1].img_per_s_per_gpu * members[0][1].flops_per_image)
+            precompute_hours = images * encoder_s / 3600.0
+            loop_hours = sum(_loop_encoder_gpu_hours(c, encoder_s, hw) for _, c in members)
+        out.append(VaeEncoderCost(
+            dataset=label, resolution=resolution, stages=tuple(s.name for s, _ in members), precomputed=precomputed,
+            samples=samples, images=images, flops_per_image=per_image, precompute_gpu_hours=precompute_hours,
+            loop_gpu_hours=loop_hours))
+    return out
+
+
+def _loop_encoder_gpu_hours(c: StageCost, encoder_s_per_image: float, hw: Hardware) -> float:
+    """GPU-hours the encoder adds to a stage's steps: each step is max(compute, network) long, and the
+    encoder lengthens compute only."""
+    compute_s = c.compute_ms_per_step / 1e3
+    encoder_s = encoder_s_per_image * c.global_batch / hw.world_size
+    network_s = c.network_ms_per_step / 1e3
+    extra_s = max(compute_s + encoder_s, network_s) - max(compute_s, network_s)
+    return c.steps * extra_s * hw.world_size / 3600.0
 
 
 def by_resolution(costs: Sequence[StageCost]) -> list[ResolutionTotal]:
@@ -390,8 +466,7 @@ def format_report(r: CostReport) -> str:
     lines = [
         f"hardware: {hw.nodes} x {hw.gpus_per_node} {hw.gpu} = {hw.world_size} GPUs, "
         f"peak {r.peak_tflops:g} TFLOP/s ({hw.dtype}, dense)",
-        "FLOPs per image: UNet forward + backward" + (" + " + " + ".join(encoders) if encoders else
-                                                       " (latents and text embeddings precomputed)"),
+        "FLOPs per image: UNet forward + backward" + (" + " + " + ".join(encoders) if encoders else ""),
         f"throughput: {r.throughput_source or 'none given (budget only)'}",
         _per_gpu_batch_line(r.stages, hw),
         *_uncounted_encoder_lines(r),
@@ -411,22 +486,45 @@ def format_report(r: CostReport) -> str:
     if len(r.by_resolution) > 1:
         lines += [f"{'  at ' + str(t.resolution):<10} {'':>4} {'':>8} {'':>6} {_count(t.images):>9} {'':>9} "
                   f"{'':>9} {'':>13} {'':>6} {_hours(t.gpu_hours):>10}" for t in r.by_resolution]
+    lines += _vae_encoder_lines(r)
     lines += ["", *_format_budget(r.budget, hw, r.network_floor_gpu_hours)]
     return "\n".join(lines)
 
 
-def _uncounted_encoder_lines(r: CostReport) -> list[str]:
-    """The stage configs run an encoder in the loop that the FLOP count leaves out: a UNet-only img/s
-    (bench/unet_step.py) would overstate those stages' throughput."""
-    counted = {"VAE encode": r.flops_model.vae_encode, "text encode": r.flops_model.text_encode}
-    missing = sorted({e for c in r.stages for e in c.online_encoders if not counted[e]})
-    if not missing:
+def _vae_encoder_lines(r: CostReport) -> list[str]:
+    """The VAE encoder's cost beside the training it feeds, both ways, per dataset: the budget is argued
+    on the UNet step (the issue's numbers), but no plan is free of the encoder."""
+    if not r.vae_encoder:
         return []
-    names = ", ".join(c.name for c in r.stages if set(c.online_encoders) & set(missing))
-    flags = " ".join("--vae-online" if e == "VAE encode" else "--text-online" for e in missing)
-    return [f"note: {names} run {' and '.join(missing)} in the loop (stage.data.latents / context false), "
-            f"not counted here: give img/s measured with them and add {flags}, or precompute (python -m data "
-            "precompute)"]
+    lines = ["", "VAE encoder (not in the img/s above): precomputed once per distinct image, or in the loop once "
+                 "per sample",
+             f"{'dataset':<26} {'res':>4} {'for':<12} {'samples':>9} {'images':>9} {'GFLOP/img':>9} "
+             f"{'precompute h':>12} {'in-loop h':>10}  stages run it"]
+    for v in r.vae_encoder:
+        lines.append(f"{v.dataset:<26} {v.resolution:>4} {','.join(v.stages):<12} {_count(v.samples):>9} "
+                     f"{_count(v.images):>9} {v.flops_per_image / 1e9:>9,.1f} {_hours(v.precompute_gpu_hours):>12} "
+                     f"{_hours(v.loop_gpu_hours):>10}  {'precomputed' if v.precomputed else 'in the loop'}")
+    lines.append("images: the samples drawn, or a subset's row count where smaller (data/stages.py); the encoder "
+                 "assumed at the UNet step's MFU; in the loop it costs nothing while a step waits for the network")
+    if r.total_gpu_hours is not None and r.vae_encoder_gpu_hours is not None:
+        all_pre = _total(v.precompute_gpu_hours for v in r.vae_encoder)
+        all_loop = _total(v.loop_gpu_hours for v in r.vae_encoder)
+        lines.append(f"training + VAE encoder as the stages run it: {_hours(r.total_gpu_hours + r.vae_encoder_gpu_hours)} "
+                     f"GPU-hours (all precomputed: {_hours(r.total_gpu_hours + all_pre)}, all in the loop: "
+                     f"{_hours(r.total_gpu_hours + all_loop)})")
+    return lines
+
+
+def _uncounted_encoder_lines(r: CostReport) -> list[str]:
+    """The text encoder, where the stage configs run it in the loop and the FLOP count leaves it out: a
+    UNet-only img/s overstates those stages by its share (13 GFLOP a caption: 2.4% of the UNet step at
+    256 px, 0.5% at 512). The VAE encoder has its own table (_vae_encoder_lines)."""
+    names = [c.name for c in r.stages if "text encode" in c.online_encoders]
+    if r.flops_model.text_encode or not names:
+        return []
+    return [f"note: {', '.join(names)} run the text encoder in the loop (stage.data.context false, "
+            f"{text_encode_flops_per_caption() / 1e9:.0f} GFLOP a caption), not counted here: with an img/s measured "
+            "with it, add --text-online"]
 
 
 def _network_lines(hw: Hardware) -> list[str]:

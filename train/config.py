@@ -245,6 +245,19 @@ def accumulation_steps(global_batch: int, world_size: int, micro_batch: int) -> 
     return global_batch // per_step
 
 
+def loader_config(cfg: TrainConfig, pin_memory: bool = False):
+    """The stage's data settings as the loader's config (data.loader.LoaderConfig)."""
+    from data.filters_runtime import stage_filter
+    from data.loader import LoaderConfig
+
+    data = cfg.stage.data
+    return LoaderConfig(shards=data.shards, resolution=data.resolution, batch_size=cfg.stage.micro_batch,
+                        num_workers=data.num_workers, seed=cfg.run.seed, caption_dropout=data.caption_dropout,
+                        crop=data.crop, filters=stage_filter(data.subset) if data.subset else None,
+                        latents=data.latents, context=data.context, shuffle_buffer=data.shuffle_buffer,
+                        shards_per_group=data.shards_per_group, pin_memory=pin_memory)
+
+
 def validate(cfg: TrainConfig, world_size: int) -> int:
     """Check the composed config; returns the gradient-accumulation steps."""
     if cfg.backend not in ("ddp", "fsdp", "deepspeed"):
@@ -271,6 +284,10 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
                           f"{2 ** (len(sd.unet.channel_mult) - 1)})")
     if not 0.0 <= cfg.stage.data.caption_dropout < 1.0:
         raise ConfigError(f"stage.data.caption_dropout={cfg.stage.data.caption_dropout} must be in [0, 1)")
+    try:  # the loader checks its own settings (and the subset's name); say which of ours set them
+        loader_config(cfg)
+    except ValueError as err:
+        raise ConfigError(f"stage.data.* sets {err}") from err
     if cfg.checkpoint.keep_last < 2:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last}: keep at least 2 so a crash while "
                           "saving leaves a loadable one")

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from data.loader import LoaderConfig, ShardLoader
+from data.loader import ShardLoader
 from models.stable_diffusion import build_models
 from train import checkpoint as ckpt
-from train.config import TrainConfig, validate
+from train.config import TrainConfig, loader_config, validate
 from train.distributed import DistEnv, barrier, init_distributed
 from train.ema import EMA
 from train.export import export_stage, load_stage_init, shard_like
@@ -27,20 +27,6 @@ from train.signals import REQUEUE_EXIT_CODE, PreemptionFlag
 from train.status import write_status
 from train.step import FrozenParts, training_loss
 from train.step_results import PendingStep, StepCounters, StepOutcome, vote
-
-
-def _loader_config(cfg: TrainConfig, pin_memory: bool) -> LoaderConfig:
-    data = cfg.stage.data
-    filters = None
-    if data.subset:
-        from data.filters_runtime import stage_filter
-
-        filters = stage_filter(data.subset)
-    return LoaderConfig(shards=data.shards, resolution=data.resolution, batch_size=cfg.stage.micro_batch,
-                        num_workers=data.num_workers, seed=cfg.run.seed, caption_dropout=data.caption_dropout,
-                        crop=data.crop, filters=filters, latents=data.latents, context=data.context,
-                        shuffle_buffer=data.shuffle_buffer, shards_per_group=data.shards_per_group,
-                        pin_memory=pin_memory)
 
 
 class Trainer:
@@ -71,7 +57,7 @@ class Trainer:
             if init.ema is not None:
                 self.ema.load_state_dict({"num_updates": init.ema_num_updates, "max_decay": cfg.ema.max_decay,
                                           "shadow": shard_like(init.ema, self.engine.named_trainable())})
-        self.loader = ShardLoader(_loader_config(cfg, pin_memory=env.device.type == "cuda"), env.rank,
+        self.loader = ShardLoader(loader_config(cfg, pin_memory=env.device.type == "cuda"), env.rank,
                                   env.world_size)  # pinned: the step's copies to the GPU need not wait
         # Distinct diffusion noise per rank (and per stage), reproducible.
         self.generator = torch.Generator(env.device).manual_seed(cfg.run.seed * 1_000_003 + env.rank + 1)

@@ -1,0 +1,73 @@
+"""The SD stages from v1-1_512 on train on precomputed latents (conf/stage): the trainer's loss on latent
+shards must be its loss on the image shards they were made from. Same centre crop, same posterior, the
+same noise drawn from it; only the float16 storage of the posterior's mean and std differs."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from data.precompute import PrecomputeConfig, precompute_shards
+from data.synth import write_synthetic_shards
+from train.config import ConfigError, validate
+from train.step import encode_batch, training_loss
+from train_helpers import compose_train_config, in_process_trainer
+
+RESOLUTION = 64  # the mini_test stage's
+
+
+def _perturbed(trainer):
+    """The same random perturbation of every UNet weight: CompVis' zero-initialised output layer would
+    make the UNet predict 0 whatever its input, and the loss blind to the latents."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in trainer.engine.unet.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return trainer
+
+
+def _loss(trainer, batch) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)  # the same posterior noise, timesteps and ε for both
+    with torch.no_grad():
+        return training_loss(batch, trainer.engine.module, trainer.frozen, trainer.schedule, trainer.env.device,
+                             generator, contextlib.nullcontext(), contextlib.nullcontext())
+
+
+def test_a_step_on_precomputed_latents_is_the_step_on_their_images(tmp_path):
+    images = tmp_path / "images"
+    write_synthetic_shards(images, num_shards=1, samples_per_shard=8, image_size=RESOLUTION, seed=0)
+    settings = ("backend=ddp", "parallel.precision=fp32", "stage.micro_batch=4")
+    on_images = in_process_trainer(tmp_path / "a", f"{images}/00000.tar", *settings)
+    precompute_shards(images, tmp_path / "latents", on_images.frozen.vae,
+                      config=PrecomputeConfig(resolution=RESOLUTION, text=False, decode_workers=1), progress=False)
+    on_latents = in_process_trainer(tmp_path / "b", f"{tmp_path}/latents/00000.tar", *settings,
+                                    "stage.data.latents=true")
+    for a, b in zip(on_images.engine.unet.state_dict().values(), on_latents.engine.unet.state_dict().values()):
+        assert torch.equal(a, b)  # both runs start from the seed's weights
+    _perturbed(on_images), _perturbed(on_latents)
+
+    image_batch, latent_batch = next(iter(on_images.loader)), next(iter(on_latents.loader))
+    assert latent_batch["keys"] == image_batch["keys"]  # the same samples, in the same order
+    # What the UNet is fed: z (a posterior sample, scaled) and the caption's context.
+    def encode(batch, trainer, seed=0):
+        return encode_batch(batch, trainer.frozen, trainer.env.device, torch.Generator().manual_seed(seed),
+                            contextlib.nullcontext())
+
+    (z, context), (latent_z, latent_context) = encode(image_batch, on_images), encode(latent_batch, on_latents)
+    assert torch.equal(latent_context, context)
+    tolerance = 2e-3 * z.abs().max().item()  # float16 storage of the posterior
+    torch.testing.assert_close(latent_z, z, rtol=0, atol=tolerance)
+    # ... which another draw of the posterior noise is far outside: the same sample, not just the same mean.
+    assert (encode(latent_batch, on_latents, seed=1)[0] - z).abs().max() > 10 * tolerance
+    assert _loss(on_latents, latent_batch).item() == pytest.approx(_loss(on_images, image_batch).item(), rel=1e-4)
+
+
+def test_latents_with_random_crops_are_refused_at_start_up():
+    cfg = compose_train_config("stage.data.shards=x.tar", "stage.data.latents=true", "stage.data.crop=random")
+    with pytest.raises(ConfigError, match="stage.data.* sets loader.crop='random' with latents=True.*centre crop"):
+        validate(cfg, 1)
+    cfg.stage.data.subset = "laion-5+"
+    cfg.stage.data.crop = "center"
+    with pytest.raises(ConfigError, match="unknown stage 'laion-5\\+'; choose one of laion2b-en"):
+        validate(cfg, 1)
