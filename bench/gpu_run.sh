@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# The whole GPU measurement for one device session (H100/H200, <= 9 minutes), in order of what the
-# open questions need (bench/RESULTS.md):
-#   0. every attention call of the UNet at 256 and 512 (b32) under each SDPA kernel (bench/attention_step.py,
-#      seconds): is a pinned kernel (cuDNN for head dim 40?) faster than torch's own choice;
-#   1. the trainer's own step (Trainer.optimizer_step: vote, fused AdamW skip, EMA, one-step-late read)
+# The GPU measurement (H100/H200). `bash bench/gpu_run.sh` alone is the performance issue's table, in
+# <= 8 minutes (a time budget skips, and says so, what does not fit): ours and diffusers'
+# UNet2DConditionModel, each at its best settings (bf16, SDPA, channels-last, compiled per block, no
+# activation checkpointing), at 512 and 256 px, micro-batches 8 (SD's 2048 over 256 GPUs) and 32:
+# img/s, TFLOP/s, MFU, peak memory, ours / diffusers.
+# PHASES=all (or a list of names) adds the open questions' phases, in order (bench/RESULTS.md):
+#   attention: every attention call of the UNet at 256 and 512 (b32) under each SDPA kernel
+#      (bench/attention_step.py, seconds): is a pinned kernel (cuDNN for head dim 40?) faster than torch's choice;
+#   trainer512: the trainer's own step (Trainer.optimizer_step: vote, fused AdamW skip, EMA, one-step-late read)
 #      at 512/b32 compiled + channels-last, DDP and FSDP2 (one rank), under
 #      torch.cuda.set_sync_debug_mode("error"): proves the step has no host sync, and gives trainer /
 #      bare-UNet-step throughput;
-#   1b. where the compiled 512/b32 step's device time goes, ours and diffusers (bench/profile_step.py);
-#   1c. if phase 0 found a pinned kernel > 3% faster: the compiled 512/b32 step with it, ours then diffusers
-#      (the same kernel pinned around its forward), against 1b's rows from the same run;
-#   2. the reference cluster's per-GPU batch (SD's 2048 over 256 GPUs = 8 images per GPU per step) at
-#      256 and 512, compiled per block with and without CUDA graphs (mode reduce-overhead): small steps
-#      are where launch overhead shows;
-#   3. diffusers compiled at 256/b128 against ours (missing from the last session);
-#   4. selective activation checkpointing at 512/b64 (peak memory).
+#   profile512: where the compiled 512/b32 step's device time goes, ours and diffusers (bench/profile_step.py);
+#   pinned512: if phase attention found a pinned kernel > 3% faster: the compiled 512/b32 step with it, ours
+#      then diffusers (the same kernel pinned around its forward);
+#   b8: the reference cluster's per-GPU batch at 256 and 512 compiled per block with and without CUDA graphs
+#      (mode reduce-overhead): small steps are where launch overhead shows;
+#   best256: diffusers compiled at 256/b128 against ours;
+#   ac512: selective activation checkpointing at 512/b64 (peak memory).
+# All of them take more than one call's 10 minutes: a second call names what the first did not reach.
 # The device image has torch but not these: carry them as wheels in .whl/ (git-excluded), made here with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata==10.2.0 \
@@ -22,14 +26,13 @@
 #   pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3     # sdist only on PyPI; pure Python
 # (not huggingface_hub: the image's transformers needs its own 1.x).
 # Results land in $OUT/<phase>/*.{json,md}; $OUT/log.txt has everything printed.
-# All phases take more than one call's 10 minutes: PHASES picks some (names as the $OUT folders:
-# attention trainer512 profile512 pinned512 b8 best256 ac512; default all), so a second call runs what
-# the first did not reach. KERNEL=sdpa-cudnn (say) runs pinned512 without phase 0's best.json.
+# Phase names are the $OUT folders. KERNEL=sdpa-cudnn (say) runs pinned512 without phase attention's best.json.
 # CPU dry run of the same script (tiny model, minutes): DEV=cpu ARCH=tiny L256=8 L512=8 OUT=/tmp/b bash bench/gpu_run.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 DEV=${DEV:-cuda} ARCH=${ARCH:-sd-v1} L256=${L256:-32} L512=${L512:-64}
-PHASES=${PHASES:-attention trainer512 profile512 pinned512 b8 best256 ac512}
+PHASES=${PHASES:-table}
+[ "$PHASES" = all ] && PHASES="table attention trainer512 profile512 pinned512 b8 best256 ac512"
 want() { [[ " $PHASES " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -44,6 +47,9 @@ fi
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
 B="python3 bench/unet_step.py --device $DEV --arch $ARCH --dtype bf16 --steps 5 --warmup 2"
 START=$SECONDS
+# 512 px first: what the budget cuts is the 256 px rows. Each configuration compiles (~1 min on an H200).
+want table && $B --latent "$L512,$L256" --batch 8,32 --impl ours,diffusers --compile yes --channels-last yes \
+    --budget-s 420 --out "$OUT/table"
 want attention && python3 bench/attention_step.py --device "$DEV" --arch "$ARCH" --latent "$L256,$L512" --batch 32 \
     --dtype bf16 --out "$OUT/attention"
 want trainer512 && python3 bench/trainer_step.py --device "$DEV" --arch "$ARCH" --latent "$L512" --batch 32 --compile \
