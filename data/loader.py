@@ -37,7 +37,7 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.plan import Cursor, ShardPlan, stream_items
-from data.samples import RESUME_INEXACT, Decoder, read_candidates, stack
+from data.samples import BAD_LATENT, NO_IMAGE, RESUME_INEXACT, Decoder, read_candidates, stack
 from data.stages import SubsetFilter
 from data.transforms import CROPS, RESIZES, to_pixels
 
@@ -137,6 +137,21 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
     return 0, 1
 
 
+def _barren_hint(counts: Counter, cfg: LoaderConfig) -> str:
+    """What to change when every sample was skipped, from the commonest reason: mostly the wrong kind of
+    shard for `latents`, or latents made at another resolution."""
+    reason = max(counts, key=counts.get) if counts else None
+    if reason == NO_IMAGE and cfg.latents:
+        return ("their samples have no .latent.npy: latents=True reads latent shards (python -m data precompute); "
+                "for image shards set latents=False (stage.data.latents)")
+    if reason == NO_IMAGE:
+        return "their samples have no image: for latent shards set latents=True (stage.data.latents)"
+    if reason == BAD_LATENT:
+        return (f"their latents are not {cfg.resolution // 8}x{cfg.resolution // 8} (resolution {cfg.resolution}): "
+                "precompute them at this resolution (python -m data precompute --resolution)")
+    return "check the shard URLs, their access and the filters"
+
+
 class _Stream:
     """One stream inside a worker: candidates in plan order -> decoded samples -> batches."""
 
@@ -166,7 +181,7 @@ class _Stream:
             if len(self.barren) == len(self.ds.urls):
                 raise RuntimeError(
                     f"none of the {len(self.ds.urls)} shards gives a usable sample (skips: {dict(self.counts)}); "
-                    "check the shard URLs, their access and the filters")
+                    + _barren_hint(self.counts, self.ds.config))
         self.good_in_group = False
 
     def next_batch(self) -> tuple[list[dict], Cursor, Counter]:

@@ -1,6 +1,8 @@
 """The SD stages from v1-1_512 on train on precomputed latents (conf/stage): the trainer's loss on latent
 shards must be its loss on the image shards they were made from. Same centre crop, same posterior, the
-same noise drawn from it; only the float16 storage of the posterior's mean and std differs."""
+same noise drawn from it; only the float16 storage of the posterior's mean and std differs. And the
+settings that cannot work with latents (random crops, image shards, another resolution) say so.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +10,8 @@ import contextlib
 import pytest
 import torch
 
-from data.precompute import PrecomputeConfig, precompute_shards
+from data.loader import LoaderConfig, ShardLoader
+from data.precompute import PrecomputeConfig, load_models, precompute_shards
 from data.synth import write_synthetic_shards
 from train.config import ConfigError, validate
 from train.step import encode_batch, training_loss
@@ -71,3 +74,25 @@ def test_latents_with_random_crops_are_refused_at_start_up():
     cfg.stage.data.crop = "center"
     with pytest.raises(ConfigError, match="unknown stage 'laion-5\\+'; choose one of laion2b-en"):
         validate(cfg, 1)
+
+
+def test_the_wrong_kind_of_shard_says_what_to_set(tmp_path):
+    """Image shards behind stage.data.latents=true (or latents of another resolution) skip every sample;
+    the loader then stops with the setting to change instead of a list of skip counts."""
+    images = tmp_path / "images"
+    write_synthetic_shards(images, num_shards=1, samples_per_shard=4, image_size=RESOLUTION, seed=0)
+    vae, _ = load_models(None, arch="tiny")
+    precompute_shards(images, tmp_path / "latents", vae,
+                      config=PrecomputeConfig(resolution=RESOLUTION, text=False, decode_workers=1), progress=False)
+
+    def first_batch(shards, **settings):
+        config = LoaderConfig(**{"shards": shards, "resolution": RESOLUTION, "batch_size": 2, "num_workers": 0,
+                                 **settings})
+        return next(iter(ShardLoader(config, rank=0, world_size=1)))
+
+    with pytest.raises(RuntimeError, match="no .latent.npy: latents=True reads latent shards"):
+        first_batch(f"{images}/00000.tar", latents=True)
+    with pytest.raises(RuntimeError, match="no image: for latent shards set latents=True"):
+        first_batch(f"{tmp_path}/latents/00000.tar")
+    with pytest.raises(RuntimeError, match="not 16x16 .resolution 128.: precompute them at this resolution"):
+        first_batch(f"{tmp_path}/latents/00000.tar", latents=True, resolution=128)

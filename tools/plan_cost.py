@@ -384,7 +384,8 @@ def plan_cost(stages: Sequence[Stage], hw: Hardware, img_per_s: dict[int, float]
         total_gpu_hours=total_hours, total_wall_hours=None if total_hours is None else total_hours / hw.world_size,
         budget=budget_check(costs, budget_gpu_hours, hw),
         network_floor_gpu_hours=sum(c.network_floor_gpu_hours for c in costs),
-        vae_encoder=vae_encoder, vae_encoder_gpu_hours=_total(v.gpu_hours for v in vae_encoder) if vae_encoder else None)
+        vae_encoder=vae_encoder,
+        vae_encoder_gpu_hours=_total(v.gpu_hours for v in vae_encoder) if vae_encoder else None)
 
 
 def vae_encoder_costs(stages: Sequence[Stage], costs: Sequence[StageCost], flops_model: FlopsModel,
@@ -509,9 +510,9 @@ def _vae_encoder_lines(r: CostReport) -> list[str]:
     if r.total_gpu_hours is not None and r.vae_encoder_gpu_hours is not None:
         all_pre = _total(v.precompute_gpu_hours for v in r.vae_encoder)
         all_loop = _total(v.loop_gpu_hours for v in r.vae_encoder)
-        lines.append(f"training + VAE encoder as the stages run it: {_hours(r.total_gpu_hours + r.vae_encoder_gpu_hours)} "
-                     f"GPU-hours (all precomputed: {_hours(r.total_gpu_hours + all_pre)}, all in the loop: "
-                     f"{_hours(r.total_gpu_hours + all_loop)})")
+        as_run = r.total_gpu_hours + r.vae_encoder_gpu_hours
+        lines.append(f"training + VAE encoder as the stages run it: {_hours(as_run)} GPU-hours (all precomputed: "
+                     f"{_hours(r.total_gpu_hours + all_pre)}, all in the loop: {_hours(r.total_gpu_hours + all_loop)})")
     return lines
 
 
