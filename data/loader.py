@@ -37,7 +37,7 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.plan import Cursor, ShardPlan, stream_items
-from data.samples import BAD_LATENT, NO_IMAGE, RESUME_INEXACT, Decoder, read_candidates, stack
+from data.samples import BAD_LATENT, RESUME_INEXACT, Decoder, read_candidates, stack
 from data.stages import SubsetFilter
 from data.transforms import CROPS, RESIZES, to_pixels
 
@@ -138,15 +138,9 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
 
 
 def _barren_hint(counts: Counter, cfg: LoaderConfig) -> str:
-    """What to change when every sample was skipped, from the commonest reason: mostly the wrong kind of
-    shard for `latents`, or latents made at another resolution."""
-    reason = max(counts, key=counts.get) if counts else None
-    if reason == NO_IMAGE and cfg.latents:
-        return ("their samples have no .latent.npy: latents=True reads latent shards (python -m data precompute); "
-                "for image shards set latents=False (stage.data.latents)")
-    if reason == NO_IMAGE:
-        return "their samples have no image: for latent shards set latents=True (stage.data.latents)"
-    if reason == BAD_LATENT:
+    """What to change when every sample was skipped. (Shards of the wrong kind for `latents` stop the
+    loader at the first one: data.samples.WrongShardKind.)"""
+    if counts and max(counts, key=counts.get) == BAD_LATENT:
         return (f"their latents are not {cfg.resolution // 8}x{cfg.resolution // 8} (resolution {cfg.resolution}): "
                 "precompute them at this resolution (python -m data precompute --resolution)")
     return "check the shard URLs, their access and the filters"

@@ -56,20 +56,25 @@ def _parse_meta(data: bytes | None) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
+class WrongShardKind(ValueError):
+    """A shard of images read as latents, or of latents read as images: a setting, not bad data."""
+
+
 def read_candidates(url: str, shard: int, filters: SubsetFilter | None, latents: bool, context: bool,
                     counts: Counter) -> Iterator[Candidate]:
     uncond = None
+    wanted = other_kind = 0  # samples with the payload the mode reads / only with the other mode's
     for index, key, members in iter_shard_samples(url, counts):
         if key.rsplit("/", 1)[-1] == UNCOND_KEY:
             uncond = members.get(CONTEXT_EXT)
             continue
-        if latents:
-            payload = members.get(LATENT_EXT)
-        else:
-            payload = next((members[e] for e in IMAGE_EXTS if e in members), None)
+        images = [e for e in IMAGE_EXTS if e in members]
+        payload = members.get(LATENT_EXT) if latents else members[images[0]] if images else None
         if payload is None:
+            other_kind += bool(images) if latents else LATENT_EXT in members
             counts[NO_IMAGE] += 1
             continue
+        wanted += 1
         text = members.get("txt")
         caption = text.decode("utf-8", errors="replace").strip() if text is not None else ""
         if not caption:
@@ -90,6 +95,14 @@ def read_candidates(url: str, shard: int, filters: SubsetFilter | None, latents:
                 counts[NO_CONTEXT] += 1
                 continue
         yield Candidate(shard, index, key, caption, meta, payload, ctx, uncond)
+    if other_kind and not wanted:
+        # Stop at the first such shard: skipping its samples one by one would read the whole dataset
+        # (every rank, every epoch) before the loader could tell that nothing will ever be usable.
+        have, want = ("images", ".latent.npy latents") if latents else (".latent.npy latents", "images")
+        raise WrongShardKind(
+            f"{url}: its samples hold {have}, not {want}: " + (
+                "point stage.data.shards at latent shards (python -m data precompute) or set stage.data.latents=false"
+                if latents else "set stage.data.latents=true, or point stage.data.shards at image shards"))
 
 
 class Decoder:

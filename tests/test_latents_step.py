@@ -12,6 +12,7 @@ import torch
 
 from data.loader import LoaderConfig, ShardLoader
 from data.precompute import PrecomputeConfig, load_models, precompute_shards
+from data.samples import WrongShardKind
 from data.synth import write_synthetic_shards
 from train.config import ConfigError, validate
 from train.step import encode_batch, training_loss
@@ -77,8 +78,8 @@ def test_latents_with_random_crops_are_refused_at_start_up():
 
 
 def test_the_wrong_kind_of_shard_says_what_to_set(tmp_path):
-    """Image shards behind stage.data.latents=true (or latents of another resolution) skip every sample;
-    the loader then stops with the setting to change instead of a list of skip counts."""
+    """Image shards behind stage.data.latents=true, latent shards behind false, or latents of another
+    resolution: the loader stops with the setting to change instead of a list of skip counts."""
     images = tmp_path / "images"
     write_synthetic_shards(images, num_shards=1, samples_per_shard=4, image_size=RESOLUTION, seed=0)
     vae, _ = load_models(None, arch="tiny")
@@ -90,9 +91,11 @@ def test_the_wrong_kind_of_shard_says_what_to_set(tmp_path):
                                  **settings})
         return next(iter(ShardLoader(config, rank=0, world_size=1)))
 
-    with pytest.raises(RuntimeError, match="no .latent.npy: latents=True reads latent shards"):
+    # The wrong kind of shard stops the loader at the first one (not after reading every shard).
+    with pytest.raises(WrongShardKind, match="00000.tar: its samples hold images, not .latent.npy latents: point "
+                                             "stage.data.shards at latent shards .python -m data precompute."):
         first_batch(f"{images}/00000.tar", latents=True)
-    with pytest.raises(RuntimeError, match="no image: for latent shards set latents=True"):
+    with pytest.raises(WrongShardKind, match="hold .latent.npy latents, not images: set stage.data.latents=true"):
         first_batch(f"{tmp_path}/latents/00000.tar")
     with pytest.raises(RuntimeError, match="not 16x16 .resolution 128.: precompute them at this resolution"):
         first_batch(f"{tmp_path}/latents/00000.tar", latents=True, resolution=128)
