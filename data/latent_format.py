@@ -65,6 +65,18 @@ def encode_context(context) -> bytes:
     return npy_bytes(context.astype(np.float16))
 
 
+def npy_shape(data: bytes) -> tuple[int, ...] | None:
+    """The shape in an .npy header, without reading the array (None if it is not an .npy)."""
+    try:
+        buf = io.BytesIO(data)
+        major, _ = np.lib.format.read_magic(buf)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, _ = read_header(buf)
+        return tuple(shape)
+    except (ValueError, EOFError):
+        return None
+
+
 def decode_latent(data: bytes, latent_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(mean, std), float32 [4, latent_size, latent_size]. ValueError on anything else."""
     array = load_npy(data)

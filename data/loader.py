@@ -37,7 +37,7 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.plan import Cursor, ShardPlan, stream_items
-from data.samples import BAD_LATENT, RESUME_INEXACT, Decoder, read_candidates, stack
+from data.samples import RESUME_INEXACT, Decoder, read_candidates, stack
 from data.stages import SubsetFilter
 from data.transforms import CROPS, RESIZES, to_pixels
 
@@ -137,15 +137,6 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
     return 0, 1
 
 
-def _barren_hint(counts: Counter, cfg: LoaderConfig) -> str:
-    """What to change when every sample was skipped. (Shards of the wrong kind for `latents` stop the
-    loader at the first one: data.samples.WrongShardKind.)"""
-    if counts and max(counts, key=counts.get) == BAD_LATENT:
-        return (f"their latents are not {cfg.resolution // 8}x{cfg.resolution // 8} (resolution {cfg.resolution}): "
-                "precompute them at this resolution (python -m data precompute --resolution)")
-    return "check the shard URLs, their access and the filters"
-
-
 class _Stream:
     """One stream inside a worker: candidates in plan order -> decoded samples -> batches."""
 
@@ -160,7 +151,8 @@ class _Stream:
 
     def _read_shard(self, epoch: int, shard: int):
         cfg = self.ds.config
-        return read_candidates(self.ds.urls[shard], shard, cfg.filters, cfg.latents, cfg.context, self.counts)
+        return read_candidates(self.ds.urls[shard], shard, cfg.filters, cfg.latents, cfg.context, self.counts,
+                               latent_size=cfg.resolution // 8)
 
     def _at_start(self, exact: bool) -> None:
         self.counts.clear()  # the replayed reads were counted before the state was saved
@@ -175,7 +167,7 @@ class _Stream:
             if len(self.barren) == len(self.ds.urls):
                 raise RuntimeError(
                     f"none of the {len(self.ds.urls)} shards gives a usable sample (skips: {dict(self.counts)}); "
-                    + _barren_hint(self.counts, self.ds.config))
+                    "check the shard URLs, their access and the filters")
         self.good_in_group = False
 
     def next_batch(self) -> tuple[list[dict], Cursor, Counter]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data.filters_runtime import reject_reason
-from data.latent_format import CONTEXT_EXT, LATENT_EXT, UNCOND_KEY, decode_context, decode_latent
+from data.latent_format import CONTEXT_EXT, LATENT_EXT, UNCOND_KEY, decode_context, decode_latent, npy_shape
 from data.shard_io import iter_shard_samples
 from data.stages import SubsetFilter
 from data.transforms import decode_resize_crop
@@ -61,9 +61,12 @@ class WrongShardKind(ValueError):
 
 
 def read_candidates(url: str, shard: int, filters: SubsetFilter | None, latents: bool, context: bool,
-                    counts: Counter) -> Iterator[Candidate]:
+                    counts: Counter, latent_size: int | None = None) -> Iterator[Candidate]:
+    """A shard's samples that pass the cheap checks. A shard of the wrong kind for `latents` (or, given
+    `latent_size`, whose latents all have another size) raises WrongShardKind once it is read."""
     uncond = None
     wanted = other_kind = 0  # samples with the payload the mode reads / only with the other mode's
+    sizes: Counter = Counter()  # latent sizes seen (from the .npy headers: nothing is decoded here)
     for index, key, members in iter_shard_samples(url, counts):
         if key.rsplit("/", 1)[-1] == UNCOND_KEY:
             uncond = members.get(CONTEXT_EXT)
@@ -75,6 +78,9 @@ def read_candidates(url: str, shard: int, filters: SubsetFilter | None, latents:
             counts[NO_IMAGE] += 1
             continue
         wanted += 1
+        if latents and latent_size is not None:
+            shape = npy_shape(payload)
+            sizes[shape[-1] if shape else None] += 1
         text = members.get("txt")
         caption = text.decode("utf-8", errors="replace").strip() if text is not None else ""
         if not caption:
@@ -95,6 +101,12 @@ def read_candidates(url: str, shard: int, filters: SubsetFilter | None, latents:
                 counts[NO_CONTEXT] += 1
                 continue
         yield Candidate(shard, index, key, caption, meta, payload, ctx, uncond)
+    if latent_size is not None and sizes and latent_size not in sizes:
+        made = max(sizes, key=sizes.get)
+        raise WrongShardKind(
+            f"{url}: its latents are {made}x{made} ({8 * made if made else '?'} px), this stage trains at "
+            f"{8 * latent_size} px ({latent_size}x{latent_size}): precompute its images at --resolution "
+            f"{8 * latent_size} (python -m data precompute), or set stage.data.resolution to match")
     if other_kind and not wanted:
         # Stop at the first such shard: skipping its samples one by one would read the whole dataset
         # (every rank, every epoch) before the loader could tell that nothing will ever be usable.

@@ -33,11 +33,12 @@ def latent_shards(tmp_path_factory) -> list[str]:
                 w.write(f"{j:06d}", mean, torch.from_numpy(std), f"caption {j}", {"key": f"{j:06d}"}, context=ctx)
         paths.append(str(path))
     # A shard written without contexts (and so without the unconditional embedding), and one
-    # whose latent has the wrong resolution.
+    # with a latent of the wrong resolution.
     with LatentShardWriter(root / "nocontext.tar") as w:
         w.write("000900", *sample_arrays(900)[:2], "caption 900")
     with LatentShardWriter(root / "wrongsize.tar") as w:
         w.write("000901", np.zeros((4, 4, 4)), np.ones((4, 4, 4)), "caption 901")
+        w.write("000902", *sample_arrays(902)[:2], "caption 902")  # one good one: not a wrong-size shard
     return paths + [str(root / "nocontext.tar"), str(root / "wrongsize.tar")]
 
 
@@ -76,14 +77,14 @@ def test_latent_shards_without_uncond_or_of_wrong_size_are_counted(latent_shards
     keys = [k for _ in range(N // 2) for k in next(it)["keys"]]  # one epoch, one group
     it.close()
     assert len(set(keys)) == N and "000900" not in keys
-    assert loader.skip_counts() == {"no_uncond_context": 2}
+    assert loader.skip_counts() == {"no_uncond_context": 3}
     # Without contexts the shard without them is fine; the wrong size is still caught at decode.
     loader = ShardLoader(LoaderConfig(shards=tuple(latent_shards), resolution=RES, batch_size=1, num_workers=0,
                                       shards_per_group=4, latents=True))
     it = iter(loader)
-    keys = [next(it)["keys"][0] for _ in range(N + 1)]
+    keys = [next(it)["keys"][0] for _ in range(N + 3)]  # the epoch, and one more: the bad one was decoded
     it.close()
-    assert "000900" in keys and "000901" not in keys
+    assert "000900" in keys[:N + 2] and "000902" in keys[:N + 2] and "000901" not in keys
     assert loader.skip_counts() == {"bad_latent": 1}
 
 

@@ -97,5 +97,6 @@ def test_the_wrong_kind_of_shard_says_what_to_set(tmp_path):
         first_batch(f"{images}/00000.tar", latents=True)
     with pytest.raises(WrongShardKind, match="hold .latent.npy latents, not images: set stage.data.latents=true"):
         first_batch(f"{tmp_path}/latents/00000.tar")
-    with pytest.raises(RuntimeError, match="not 16x16 .resolution 128.: precompute them at this resolution"):
+    with pytest.raises(WrongShardKind, match="its latents are 8x8 .64 px., this stage trains at 128 px .16x16.: "
+                                             "precompute its images at --resolution 128"):
         first_batch(f"{tmp_path}/latents/00000.tar", latents=True, resolution=128)
