@@ -15,6 +15,7 @@ from data.precompute import PrecomputeConfig, load_models, precompute_shards
 from data.samples import WrongShardKind
 from data.synth import write_synthetic_shards
 from train.config import ConfigError, validate
+from train.flops import text_encode_flops_per_caption, vae_encode_flops_per_image
 from train.step import encode_batch, training_loss
 from train_helpers import compose_train_config, in_process_trainer
 
@@ -50,6 +51,11 @@ def test_a_step_on_precomputed_latents_is_the_step_on_their_images(tmp_path):
     for a, b in zip(on_images.engine.unet.state_dict().values(), on_latents.engine.unet.state_dict().values()):
         assert torch.equal(a, b)  # both runs start from the seed's weights
     _perturbed(on_images), _perturbed(on_latents)
+    # What the W&B throughput counts beside the UNet: the encoders each run has in its loop.
+    sd = on_images.sd_cfg
+    vae, text = vae_encode_flops_per_image(sd.vae, RESOLUTION), text_encode_flops_per_caption(sd.text)
+    assert vae > 0 and text > 0
+    assert (on_images.encoder_flops_per_image, on_latents.encoder_flops_per_image) == (vae + text, text)
 
     image_batch, latent_batch = next(iter(on_images.loader)), next(iter(on_latents.loader))
     assert latent_batch["keys"] == image_batch["keys"]  # the same samples, in the same order

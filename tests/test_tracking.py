@@ -234,6 +234,25 @@ def test_throughput_meter_math() -> None:
     assert meter.window() == {}  # no time passed
 
 
+def test_throughput_meter_reports_encoders_beside_the_model() -> None:
+    """MFU is of the UNet's FLOPs; the frozen encoders the loop runs come beside it, not into it."""
+    clock = FakeClock()
+    unet, encoders = 537e9, 273e9 + 13e9  # 256 px: UNet fwd + bwd; VAE encoder and text encoder forward
+    meter = ThroughputMeter(world_size=8, flops_per_image=unet, peak_tflops=989.0, clock=clock,
+                            encoder_flops_per_image=encoders)
+    clock.t += 1.0
+    meter.step_done(64)
+    out = meter.window()
+    assert out["throughput/mfu"] == pytest.approx(64 * unet / 989e12)
+    assert out["throughput/mfu_with_encoders"] == pytest.approx(64 * (unet + encoders) / 989e12)
+    assert out["throughput/tflops_per_gpu_with_encoders"] == pytest.approx(64 * (unet + encoders) / 1e12)
+    # Latents and contexts precomputed: nothing beside it.
+    meter = ThroughputMeter(world_size=8, flops_per_image=unet, peak_tflops=989.0, clock=clock)
+    clock.t += 1.0
+    meter.step_done(64)
+    assert not [k for k in meter.window() if k.endswith("_with_encoders")]
+
+
 def test_throughput_meter_without_peak_omits_mfu() -> None:
     clock = FakeClock()
     meter = ThroughputMeter(world_size=1, flops_per_image=1e9, peak_tflops=None, clock=clock)

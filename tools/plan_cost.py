@@ -22,7 +22,6 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 
 from tools.plan_network import BACKEND_VOLUME, bytes_per_step, collective_seconds
 from train.config import REDUCE_DTYPES
@@ -226,38 +225,20 @@ def peak_tflops_for(gpu: str, dtype: str) -> float:
     return float(peaks[dtype])
 
 
-@lru_cache(maxsize=8)
 def vae_encode_flops_per_image(resolution: int) -> float:
-    """SD v1 VAE encoder forward, counted on the meta device (273 GFLOP at 256, 1,117 at 512)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """SD v1 VAE encoder forward (train/flops.py): 273 GFLOP at 256, 1,117 at 512."""
     from models.configs import VAEConfig
-    from models.vae import AutoencoderKL
+    from train.flops import vae_encode_flops_per_image as counted
 
-    with torch.device("meta"):
-        vae = AutoencoderKL(VAEConfig())
-        x = torch.empty(1, 3, resolution, resolution)
-        with FlopCounterMode(display=False) as counter:
-            vae.encode(x)
-    return float(counter.get_total_flops())
+    return counted(VAEConfig(), resolution)
 
 
-@lru_cache(maxsize=1)
 def text_encode_flops_per_caption() -> float:
-    """CLIP ViT-L/14 text tower forward on 77 tokens, counted on the meta device (13 GFLOP)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """CLIP ViT-L/14 text tower forward on 77 tokens (train/flops.py): 13 GFLOP."""
     from models.configs import TextEncoderConfig
-    from models.text_encoder import FrozenCLIPTextEncoder
+    from train.flops import text_encode_flops_per_caption as counted
 
-    with torch.device("meta"):
-        encoder = FrozenCLIPTextEncoder(TextEncoderConfig())
-        ids = torch.zeros(1, 77, dtype=torch.long)
-        with FlopCounterMode(display=False) as counter:
-            encoder(ids)
-    return float(counter.get_total_flops())
+    return counted(TextEncoderConfig())
 
 
 # ---- the plan -------------------------------------------------------------------------------------

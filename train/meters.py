@@ -43,11 +43,14 @@ class ThroughputMeter:
     """
 
     def __init__(self, world_size: int, flops_per_image: float | None, peak_tflops: float | None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, encoder_flops_per_image: float = 0.0) -> None:
         if world_size < 1:
             raise ValueError(f"world_size={world_size}")
         self.world_size = world_size
+        # The UNet's forward + backward: the model's FLOPs, what MFU is of. The frozen encoders' forward,
+        # where they run in the loop, is reported beside it (`*_with_encoders`): work the GPU does too.
         self.flops_per_image = flops_per_image
+        self.encoder_flops_per_image = encoder_flops_per_image
         # Per-GPU dense peak; None (CPU, unknown GPU) means MFU is omitted rather than invented.
         self.peak_tflops = peak_tflops
         self._clock = clock
@@ -103,8 +106,12 @@ class ThroughputMeter:
             "throughput/data_wait_frac": wait_s / elapsed,
         }
         if self.flops_per_image is not None:
-            tflops = per_gpu * self.flops_per_image / 1e12
-            out["throughput/tflops_per_gpu"] = tflops
-            if self.peak_tflops:
-                out["throughput/mfu"] = tflops / self.peak_tflops
+            rates = {"": self.flops_per_image}
+            if self.encoder_flops_per_image:
+                rates["_with_encoders"] = self.flops_per_image + self.encoder_flops_per_image
+            for suffix, flops in rates.items():
+                tflops = per_gpu * flops / 1e12
+                out[f"throughput/tflops_per_gpu{suffix}"] = tflops
+                if self.peak_tflops:
+                    out[f"throughput/mfu{suffix}"] = tflops / self.peak_tflops
         return out

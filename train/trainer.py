@@ -21,7 +21,8 @@ from train.config import TrainConfig, loader_config, validate
 from train.distributed import DistEnv, barrier, init_distributed
 from train.ema import EMA
 from train.export import export_stage, load_stage_init, shard_like
-from train.flops import peak_tflops, unet_train_flops_per_image
+from train.flops import (peak_tflops, text_encode_flops_per_caption, unet_train_flops_per_image,
+                         vae_encode_flops_per_image)
 from train.parallel import build_engine
 from train.signals import REQUEUE_EXIT_CODE, PreemptionFlag
 from train.status import write_status
@@ -71,6 +72,7 @@ class Trainer:
                                resume=self.resumed_from is not None)
         self.state.wandb_run_id = self.tracker.run_id
         self.flops_per_image = unet_train_flops_per_image(self.sd_cfg.unet, cfg.stage.data.resolution // 8)
+        self.encoder_flops_per_image = self._encoder_flops_per_image()
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _rank_state(self) -> dict:
@@ -143,6 +145,16 @@ class Trainer:
             return "abort"
         return "preempt" if values["preempted"] else None
 
+    def _encoder_flops_per_image(self) -> float:
+        """The frozen encoders' forward per image, where they run in the loop (not precomputed)."""
+        data, sd = self.cfg.stage.data, self.sd_cfg
+        flops = 0.0
+        if not data.latents and sd.first_stage == "vae":
+            flops += vae_encode_flops_per_image(sd.vae, data.resolution)
+        if not data.context:
+            flops += text_encode_flops_per_caption(sd.text)
+        return flops
+
     def train(self) -> int:
         from train.meters import ThroughputMeter
         from train.progress import Progress, format_summary
@@ -150,8 +162,8 @@ class Trainer:
         cfg, env, state = self.cfg, self.env, self.state
         total = state.extra["stage_start"] + cfg.stage.steps
         flag = PreemptionFlag()
-        meter = ThroughputMeter(env.world_size, self.flops_per_image,
-                                peak_tflops(env.device, cfg.parallel.precision))
+        meter = ThroughputMeter(env.world_size, self.flops_per_image, peak_tflops(env.device, cfg.parallel.precision),
+                                encoder_flops_per_image=self.encoder_flops_per_image)
         progress = Progress(cfg.tracking, total, start_step=state.step, rank=env.rank)
         encode_autocast = (torch.autocast(env.device.type, dtype=self.engine.dtype)
                            if self.engine.dtype != torch.float32 else contextlib.nullcontext())
