@@ -3,7 +3,8 @@
 # <= 8 minutes (a time budget skips, and says so, what does not fit): ours and diffusers'
 # UNet2DConditionModel, each at its best settings (bf16, SDPA, channels-last, compiled per block, no
 # activation checkpointing), at 512 and 256 px, micro-batches 8 (SD's 2048 over 256 GPUs) and 32:
-# img/s, TFLOP/s, MFU, peak memory, ours / diffusers.
+# img/s, TFLOP/s, MFU, peak memory, ours / diffusers, and the largest micro-batch an 80 GB card holds
+# (a line through the b8 and b32 peaks).
 # PHASES=all (or a list of names) adds the open questions' phases, in order (bench/RESULTS.md):
 #   attention: every attention call of the UNet at 256 and 512 (b32) under each SDPA kernel
 #      (bench/attention_step.py, seconds): is a pinned kernel (cuDNN for head dim 40?) faster than torch's choice;

@@ -179,6 +179,37 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def largest_batches(results: list[Result], memory_gib: float = 79.0) -> str:
+    """The largest micro-batch that fits `memory_gib`, per setting measured at two or more batch sizes:
+    peak memory is linear in the batch (weights, gradients and AdamW state fixed; activations per image),
+    so a least-squares line through the measured peaks gives both parts and where they reach the budget.
+    Peak *allocated* memory: the allocator's fragmentation takes part of what is left."""
+    groups: dict[tuple, list[Result]] = {}
+    for r in results:
+        if r.status == "ok" and r.peak_mem_gib == r.peak_mem_gib:  # measured (not NaN: a GPU row)
+            key = (r.impl, r.arch, r.latent, r.dtype, r.compile, r.compile_mode, r.channels_last, r.ac, r.attention)
+            groups.setdefault(key, []).append(r)
+    lines = []
+    for (impl, arch, latent, dtype, compile_, mode, cl, ac, attention), rows in groups.items():
+        batches = [r.batch for r in rows]
+        if len(set(batches)) < 2:
+            continue
+        mean_b, mean_m = sum(batches) / len(rows), sum(r.peak_mem_gib for r in rows) / len(rows)
+        per_image = (sum((r.batch - mean_b) * (r.peak_mem_gib - mean_m) for r in rows)
+                     / sum((b - mean_b) ** 2 for b in batches))
+        fixed = mean_m - per_image * mean_b
+        largest = int((memory_gib - fixed) / per_image + 1e-6) if per_image > 0 else None  # 1e-6: float noise
+        lines.append(f"| {impl} | {arch} | {latent} | {dtype} | {mode if compile_ else False} | {cl} | {ac} | "
+                     f"{attention} | {','.join(map(str, sorted(batches)))} | {fixed:.1f} | {per_image:.3f} | "
+                     f"{largest if largest is not None else '-'} |")
+    if not lines:
+        return ""
+    head = (f"Largest micro-batch in {memory_gib:g} GiB (a line through the measured peaks):\n\n"
+            "| impl | arch | latent | dtype | compile | ch-last | AC | attention | batches | fixed GiB | GiB per image "
+            "| largest batch |\n" + "|" + "---|" * 12)
+    return head + "\n" + "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -202,6 +233,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=float("inf"), help="skip what is left after this long")
+    p.add_argument("--memory-gib", type=float, default=79.0,
+                   help="the memory the largest-micro-batch table fits into (default: what an 80 GB card shows "
+                        "torch, ~79 GiB)")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/out")))
     args = p.parse_args(argv)
 
@@ -248,6 +282,8 @@ def main(argv=None) -> int:
                         {"device": name, "peak_tflops": peak, "torch": torch.__version__,
                          "results": [asdict(r) for r in results]}, indent=1))
     md = f"device: {name}, torch {torch.__version__}, peak {peak} TFLOP/s\n\n" + table(results) + "\n"
+    fits = largest_batches(results, args.memory_gib)
+    md += f"\n{fits}\n" if fits else ""
     (args.out / "unet_step.md").write_text(md)
     print("\n" + md)
     return 0

@@ -96,3 +96,20 @@ def test_profile_groups_kernel_names_by_what_they_do():
         "void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel>": "other",
     }
     assert {n: category(n) for n in names} == names
+
+
+def test_largest_micro_batch_is_read_off_a_line_through_the_peaks():
+    """Peak memory = fixed + per image x batch: the second session's H200 rows (35.2 GiB at 32 images,
+    12.8 GiB of weights and AdamW state) put 0.7 GiB on each image, so 80 GiB holds 96."""
+    sys.path.insert(0, str(REPO))
+    from bench.unet_step import Result, largest_batches
+
+    def row(batch, gib, impl="ours", status="ok"):
+        return Result(impl, "sd-v1", 64, batch, "bf16", True, True, "none", peak_mem_gib=gib, status=status)
+
+    rows = [row(8, 12.8 + 8 * 0.7), row(32, 12.8 + 32 * 0.7), row(64, math.nan, status="OOM"),
+            row(16, 30.0, impl="diffusers")]  # diffusers has one batch only: no line
+    text = largest_batches(rows, 80.0)
+    assert text.count("| ours |") == 1 and "| diffusers |" not in text
+    assert "| 8,32 | 12.8 | 0.700 | 96 |" in text
+    assert largest_batches(rows[2:]) == ""  # nothing measured twice: no table
