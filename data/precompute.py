@@ -173,44 +173,73 @@ class _Encoder:
         return posterior.mean.float().cpu(), posterior.std.float().cpu()
 
 
-def _encode_shard(src: Path, tmp: Path, enc: _Encoder, pool: ThreadPoolExecutor, report: PrecomputeReport,
-                  dropped: Counter, shard_problems: Counter, bar) -> None:
-    cfg = enc.config
-    with LatentShardWriter(tmp, uncond_context=enc.uncond) as writer:
-        pending: list[tuple[str, dict[str, bytes]]] = []
+@dataclass
+class _Prepared:
+    """One batch, decoded and cropped on the CPU, ready for the encoders."""
 
-        def flush() -> None:
-            decoded = list(pool.map(lambda item: _decode(item[1], cfg.resolution), pending))
-            rows = []
-            for (key, sample), (image, reason) in zip(pending, decoded):
-                if reason is not None:
-                    dropped[reason] += 1
-                    continue
-                try:
-                    meta = json.loads(sample["json"]) if "json" in sample else {}
-                except (ValueError, UnicodeDecodeError):
-                    dropped[BAD_JSON] += 1
-                    continue
-                caption = sample["txt"].decode("utf-8", errors="replace") if "txt" in sample else meta.get("caption")
-                if caption is None:
-                    report.missing_captions += 1
-                    caption = ""
-                rows.append((key, image, caption, meta))
+    rows: list[tuple[str, np.ndarray, str, dict]]  # key, image, caption, metadata
+    read: int  # samples it came from
+    dropped: Counter
+    missing_captions: int
+
+
+def _prepare(pending: list[tuple[str, dict[str, bytes]]], resolution: int, pool: ThreadPoolExecutor) -> _Prepared:
+    decoded = list(pool.map(lambda item: _decode(item[1], resolution), pending))
+    out = _Prepared([], len(pending), Counter(), 0)
+    for (key, sample), (image, reason) in zip(pending, decoded):
+        if reason is not None:
+            out.dropped[reason] += 1
+            continue
+        try:
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+        except (ValueError, UnicodeDecodeError):
+            out.dropped[BAD_JSON] += 1
+            continue
+        caption = sample["txt"].decode("utf-8", errors="replace") if "txt" in sample else meta.get("caption")
+        if caption is None:
+            out.missing_captions += 1
+            caption = ""
+        out.rows.append((key, image, caption, meta))
+    return out
+
+
+def _batches(samples, size: int, report: PrecomputeReport):
+    pending: list[tuple[str, dict[str, bytes]]] = []
+    for _, key, sample in samples:
+        report.samples_in += 1
+        pending.append((key, sample))
+        if len(pending) == size:
+            yield pending
+            pending = []
+    if pending:
+        yield pending
+
+
+def _encode_shard(src: Path, tmp: Path, enc: _Encoder, pool: ThreadPoolExecutor, ahead: ThreadPoolExecutor,
+                  report: PrecomputeReport, dropped: Counter, shard_problems: Counter, bar) -> None:
+    """Batches in order, each decoded (`ahead`'s thread, fanning out to `pool`) while the one before it
+    is on the encoders: one after the other, the GPU would wait for every batch's JPEGs."""
+    with LatentShardWriter(tmp, uncond_context=enc.uncond) as writer:
+        def write(prepared: _Prepared) -> None:
+            dropped.update(prepared.dropped)
+            report.missing_captions += prepared.missing_captions
+            rows = prepared.rows
             if rows:
                 means, stds = enc.encode_images([r[1] for r in rows])
-                contexts = enc.encode_text([r[2] for r in rows]) if cfg.text else [None] * len(rows)
+                contexts = enc.encode_text([r[2] for r in rows]) if enc.config.text else [None] * len(rows)
                 for (key, _, caption, meta), mean, std, context in zip(rows, means, stds, contexts):
                     writer.write(key, mean, std, caption, meta, context)
                 report.samples_written += len(rows)
-            bar.update(len(pending))
-            pending.clear()
+            bar.update(prepared.read)
 
-        for _, key, sample in iter_shard_samples(str(src), shard_problems):
-            report.samples_in += 1
-            pending.append((key, sample))
-            if len(pending) >= cfg.batch_size:
-                flush()
-        flush()
+        queued = None
+        for pending in _batches(iter_shard_samples(str(src), shard_problems), enc.config.batch_size, report):
+            following = ahead.submit(_prepare, pending, enc.config.resolution, pool)
+            if queued is not None:
+                write(queued.result())
+            queued = following
+        if queued is not None:
+            write(queued.result())
 
 
 def _expected_samples(shards: list[Path]) -> int | None:
@@ -244,7 +273,7 @@ def precompute_shards(inputs: str | os.PathLike | Sequence[str | os.PathLike], o
                               latent_size=config.resolution // vae.cfg.downsample_factor)
     dropped: Counter[str] = Counter()
     shard_problems: Counter[str] = Counter()
-    with ThreadPoolExecutor(config.decode_workers) as pool, \
+    with ThreadPoolExecutor(config.decode_workers) as pool, ThreadPoolExecutor(1) as ahead, \
             tqdm(total=_expected_samples([s for s in shards if not (out_dir / s.name).is_file()]), unit="img",
                  desc="precompute", disable=not progress) as bar:
         for src in shards:
@@ -254,7 +283,7 @@ def precompute_shards(inputs: str | os.PathLike | Sequence[str | os.PathLike], o
                 continue
             tmp = dst.with_name(dst.name + ".tmp")
             try:
-                _encode_shard(src, tmp, enc, pool, report, dropped, shard_problems, bar)
+                _encode_shard(src, tmp, enc, pool, ahead, report, dropped, shard_problems, bar)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise

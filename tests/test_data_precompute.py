@@ -123,3 +123,35 @@ def test_text_encoder_narrower_than_the_format_is_refused(tmp_path):
                           PrecomputeConfig(resolution=RESOLUTION), progress=False)
     with pytest.raises(ValueError, match="multiple of 8"):
         PrecomputeConfig(resolution=100)
+
+
+def test_the_next_batch_decodes_while_this_one_is_encoded(models, tmp_path, monkeypatch):
+    """The GPU should not wait for JPEGs: batch k+1 is decoded while batch k is on the encoder. Each
+    encode here waits (up to 10 s) for the next batch's decoding to begin, which only a pipeline gives."""
+    import threading
+
+    import data.precompute as precompute
+
+    vae, _, _ = models
+    src = tmp_path / "images"
+    write_synthetic_shards(src, num_shards=1, samples_per_shard=6, image_size=RESOLUTION, seed=5)
+    started = [threading.Event() for _ in range(4)]  # batch k's decoding has begun
+    prepare, encode = precompute._prepare, precompute._Encoder.encode_images
+    calls = iter(range(4))
+    overlapped = []
+
+    def recording_prepare(pending, resolution, pool):
+        started[next(calls)].set()
+        return prepare(pending, resolution, pool)
+
+    def waiting_encode(self, images):
+        k = len(overlapped)
+        overlapped.append(started[k + 1].wait(timeout=10) if k < 2 else True)  # the last batch has no next
+        return encode(self, images)
+
+    monkeypatch.setattr(precompute, "_prepare", recording_prepare)
+    monkeypatch.setattr(precompute._Encoder, "encode_images", waiting_encode)
+    cfg = PrecomputeConfig(resolution=RESOLUTION, batch_size=2, text=False, decode_workers=1)
+    report = precompute_shards(src, tmp_path / "latents", vae, config=cfg, progress=False)
+    assert report.samples_written == 6 and overlapped == [True, True, True]
+    assert list(read_shard(tmp_path / "latents" / "00000.tar")) == list(read_shard(src / "00000.tar"))
