@@ -1,0 +1,125 @@
+"""The frozen VAE encoder's forward alone, as `python -m data precompute` runs it (and as v1-1_256's
+training loop runs it): images/s, TFLOP/s and MFU per resolution and batch, eager and channels-last.
+
+The cost planner assumes the encoder runs at the UNet training step's MFU when it prices precomputed
+latents (tools/plan_cost.py); this measures the encoder's own.
+
+    python bench/vae_encode.py --device cuda --resolution 256,512 --batch 32,64
+    python bench/vae_encode.py --device cpu --arch tiny --resolution 64 --batch 2     # CPU dry run
+
+Writes vae_encode.{json,md} under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.unet_step import time_steps  # noqa: E402
+from models import configs  # noqa: E402
+from models.vae import AutoencoderKL  # noqa: E402
+from train.flops import peak_tflops, vae_encode_flops_per_image  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # no fp16: SD's VAE overflows in it at 512 px
+
+
+@dataclass
+class Row:
+    resolution: int
+    batch: int
+    dtype: str
+    channels_last: bool
+    ms_per_batch: float = float("nan")
+    img_per_s: float = float("nan")
+    tflops: float = float("nan")
+    mfu: float = float("nan")
+    peak_mem_gib: float = float("nan")
+    status: str = "ok"
+
+
+def measure(row: Row, vae: AutoencoderKL, device: str, steps: int, warmup: int, peak: float | None) -> Row:
+    dtype = DTYPES[row.dtype]
+    vae = vae.to(device, dtype, memory_format=torch.channels_last if row.channels_last else torch.contiguous_format)
+    x = torch.randn(row.batch, 3, row.resolution, row.resolution, device=device, dtype=dtype)
+    if row.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def encode():
+        posterior = vae.encode(x)
+        return posterior.mean, posterior.std  # what precompute keeps
+
+    seconds = time_steps(encode, steps, warmup, device)
+    row.ms_per_batch = 1e3 * seconds
+    row.img_per_s = row.batch / seconds
+    row.tflops = row.img_per_s * vae_encode_flops_per_image(vae.cfg, row.resolution) / 1e12
+    row.mfu = row.tflops / peak if peak else float("nan")
+    if device == "cuda":
+        row.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
+def to_markdown(rows: list[Row], name: str) -> str:
+    lines = [f"device: {name}", "", "| resolution | batch | dtype | channels-last | ms/batch | img/s | TFLOP/s | MFU "
+             "| peak GiB | status |", "|" + "---|" * 10]
+    lines += [f"| {r.resolution} | {r.batch} | {r.dtype} | {r.channels_last} | {r.ms_per_batch:.1f} | "
+              f"{r.img_per_s:.1f} | {r.tflops:.1f} | {r.mfu:.3f} | {r.peak_mem_gib:.1f} | {r.status} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--arch", choices=["tiny", "sd-v1"], default="sd-v1")
+    p.add_argument("--resolution", default="256,512")
+    p.add_argument("--batch", default="32,64")
+    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
+    p.add_argument("--channels-last", choices=["no", "yes", "both"], default="both")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/out")))
+    args = p.parse_args(argv)
+
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    cfg = (configs.tiny() if args.arch == "tiny" else configs.sd_v1()).vae
+    torch.manual_seed(0)
+    vae = AutoencoderKL(cfg).eval().requires_grad_(False)
+    vae.decoder = None  # the encoder is all precompute runs; the decoder is half the weights
+    peak = peak_tflops(args.device, args.dtype)
+    name = (torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()} threads")
+    name += f", torch {torch.__version__}, peak {peak} TFLOP/s"
+    layouts = {"no": [False], "yes": [True], "both": [False, True]}[args.channels_last]
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for res, batch, cl in itertools.product(map(int, args.resolution.split(",")), map(int, args.batch.split(",")),
+                                            layouts):
+        row = Row(res, batch, args.dtype, cl)
+        try:
+            measure(row, vae, args.device, args.steps, args.warmup, peak)
+        except torch.OutOfMemoryError:
+            row.status = "OOM"
+        finally:
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        print(to_markdown([row], name).splitlines()[-1], flush=True)
+    md = to_markdown(rows, name)
+    (args.out / "vae_encode.md").write_text(md)
+    (args.out / "vae_encode.json").write_text(json.dumps({"device": name, "rows": [asdict(r) for r in rows]},
+                                                         indent=1))
+    print("\n" + md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
