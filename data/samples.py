@@ -57,30 +57,79 @@ def _parse_meta(data: bytes | None) -> dict:
 
 
 class WrongShardKind(ValueError):
-    """A shard of images read as latents, or of latents read as images: a setting, not bad data."""
+    """A shard of images read as latents, of latents read as images, or of latents made at another
+    resolution: a setting, not bad data."""
+
+
+class _ShardKind:
+    """What a shard's samples hold against what the loader reads (`latents`, at `latent_size`)."""
+
+    def __init__(self, latents: bool, latent_size: int | None):
+        self.latents, self.latent_size = latents, latent_size
+        self.wanted = self.other_kind = 0  # samples with the payload the mode reads / only the other mode's
+        self.sizes: Counter = Counter()  # latent sizes seen (from the .npy headers: nothing is decoded)
+
+    def payload(self, members: dict[str, bytes]) -> bytes | None:
+        """The sample's image (or latent) bytes, None if it has none; notes which kind it holds."""
+        images = [e for e in IMAGE_EXTS if e in members]
+        payload = members.get(LATENT_EXT) if self.latents else members[images[0]] if images else None
+        if payload is None:
+            self.other_kind += bool(images) if self.latents else LATENT_EXT in members
+            return None
+        self.wanted += 1
+        if self.latents and self.latent_size is not None:
+            shape = npy_shape(payload)
+            self.sizes[shape[-1] if shape else None] += 1
+        return payload
+
+    def check(self, url: str) -> None:
+        """Raise WrongShardKind if nothing seen was of the kind (and size) the loader reads."""
+        if self.latent_size is not None and self.sizes and self.latent_size not in self.sizes:
+            made = max(self.sizes, key=self.sizes.get)
+            raise WrongShardKind(
+                f"{url}: its latents are {made}x{made} ({8 * made if made else '?'} px), this stage trains at "
+                f"{8 * self.latent_size} px ({self.latent_size}x{self.latent_size}): precompute its images at "
+                f"--resolution {8 * self.latent_size} (python -m data precompute), or set stage.data.resolution "
+                "to match")
+        if self.other_kind and not self.wanted:
+            have, want = ("images", ".latent.npy latents") if self.latents else (".latent.npy latents", "images")
+            raise WrongShardKind(
+                f"{url}: its samples hold {have}, not {want}: " + (
+                    "point stage.data.shards at latent shards (python -m data precompute) or set "
+                    "stage.data.latents=false" if self.latents else
+                    "set stage.data.latents=true, or point stage.data.shards at image shards"))
+
+
+def check_shard_kind(url: str, latents: bool, latent_size: int | None, samples: int = 16) -> None:
+    """The loader's shard check on the first `samples` samples only: a launcher's quick look before a
+    job is queued (the loader checks every shard it reads). Raises WrongShardKind."""
+    kind = _ShardKind(latents, latent_size)
+    seen = 0
+    for _, key, members in iter_shard_samples(url, Counter()):
+        if key.rsplit("/", 1)[-1] != UNCOND_KEY:
+            kind.payload(members)
+            seen += 1
+            if seen == samples:
+                break
+    kind.check(url)
 
 
 def read_candidates(url: str, shard: int, filters: SubsetFilter | None, latents: bool, context: bool,
                     counts: Counter, latent_size: int | None = None) -> Iterator[Candidate]:
     """A shard's samples that pass the cheap checks. A shard of the wrong kind for `latents` (or, given
-    `latent_size`, whose latents all have another size) raises WrongShardKind once it is read."""
+    `latent_size`, whose latents all have another size) raises WrongShardKind once it is read: skipping
+    its samples one by one, the loader would read the whole dataset (every rank, every epoch) before it
+    could tell that nothing will ever be usable."""
     uncond = None
-    wanted = other_kind = 0  # samples with the payload the mode reads / only with the other mode's
-    sizes: Counter = Counter()  # latent sizes seen (from the .npy headers: nothing is decoded here)
+    kind = _ShardKind(latents, latent_size)
     for index, key, members in iter_shard_samples(url, counts):
         if key.rsplit("/", 1)[-1] == UNCOND_KEY:
             uncond = members.get(CONTEXT_EXT)
             continue
-        images = [e for e in IMAGE_EXTS if e in members]
-        payload = members.get(LATENT_EXT) if latents else members[images[0]] if images else None
+        payload = kind.payload(members)
         if payload is None:
-            other_kind += bool(images) if latents else LATENT_EXT in members
             counts[NO_IMAGE] += 1
             continue
-        wanted += 1
-        if latents and latent_size is not None:
-            shape = npy_shape(payload)
-            sizes[shape[-1] if shape else None] += 1
         text = members.get("txt")
         caption = text.decode("utf-8", errors="replace").strip() if text is not None else ""
         if not caption:
@@ -101,20 +150,7 @@ def read_candidates(url: str, shard: int, filters: SubsetFilter | None, latents:
                 counts[NO_CONTEXT] += 1
                 continue
         yield Candidate(shard, index, key, caption, meta, payload, ctx, uncond)
-    if latent_size is not None and sizes and latent_size not in sizes:
-        made = max(sizes, key=sizes.get)
-        raise WrongShardKind(
-            f"{url}: its latents are {made}x{made} ({8 * made if made else '?'} px), this stage trains at "
-            f"{8 * latent_size} px ({latent_size}x{latent_size}): precompute its images at --resolution "
-            f"{8 * latent_size} (python -m data precompute), or set stage.data.resolution to match")
-    if other_kind and not wanted:
-        # Stop at the first such shard: skipping its samples one by one would read the whole dataset
-        # (every rank, every epoch) before the loader could tell that nothing will ever be usable.
-        have, want = ("images", ".latent.npy latents") if latents else (".latent.npy latents", "images")
-        raise WrongShardKind(
-            f"{url}: its samples hold {have}, not {want}: " + (
-                "point stage.data.shards at latent shards (python -m data precompute) or set stage.data.latents=false"
-                if latents else "set stage.data.latents=true, or point stage.data.shards at image shards"))
+    kind.check(url)
 
 
 class Decoder:

@@ -88,3 +88,19 @@ def test_status_needs_no_complete_config():
 def test_slurm_time_limits(text, seconds):
     assert time_limit_s(text) == seconds
 
+
+
+def test_the_first_shard_is_checked_for_what_the_stage_reads(tmp_path):
+    """The 512 px SD stages read latent shards: pointed at image shards (as they were until they
+    switched), the launcher refuses before anything is queued. Shards it cannot see are left to the loader."""
+    from data.synth import write_synthetic_shards
+
+    write_synthetic_shards(tmp_path, num_shards=1, samples_per_shard=4, image_size=64, seed=0)
+    images = f"stage.data.shards='{tmp_path}/00000.tar'"
+    assert stage_job(["stage=mini_test", images]).stage == "mini_test"  # images, read as images
+    with pytest.raises(ConfigError, match="stage mini_test: .*00000.tar: its samples hold images, not .latent.npy "
+                                          "latents: point stage.data.shards at latent shards"):
+        stage_job(["stage=mini_test", images, "stage.data.latents=true"])
+    # Not there yet (a chain's later stage, precompute still running) or remote: the loader's to check.
+    stage_job(["stage=mini_test", f"stage.data.shards='{tmp_path}/missing.tar'", "stage.data.latents=true"])
+    stage_job(["stage=mini_test", "stage.data.shards='pipe:cat /nonexistent.tar'", "stage.data.latents=true"])
