@@ -9,8 +9,9 @@ and the inverse, the throughput a GPU-hour budget needs.
 
 The default plan is read from the Hydra stage configs (conf/stage/v1-1_256, v1-1_512, v1-2, v1-3),
 composed as `python -m train` composes them, so it follows any change to steps, batch or resolution.
-FLOPs per image are counted (train/flops.py) and MFU uses the same convention as the trainer's
-throughput meter: UNet forward + backward only, unless the frozen encoders run during training.
+FLOPs per image are counted (train/flops.py) and MFU follows the trainer's throughput meter: UNet
+forward + backward (W&B `throughput/mfu`); with --vae-online / --text-online the encoders' forward too
+(`throughput/mfu_with_encoders`).
 The collectives between nodes (tools/plan_network.py) bound each step from below: a stage whose per-GPU
 batch computes faster than the network moves its gradients (and sharded parameters) runs at the
 network's pace. The frozen VAE encoder is priced per dataset, precomputed and in the loop
