@@ -106,3 +106,20 @@ def test_the_wrong_kind_of_shard_says_what_to_set(tmp_path):
     with pytest.raises(WrongShardKind, match="its latents are 8x8 .64 px., this stage trains at 128 px .16x16.: "
                                              "precompute its images at --resolution 128"):
         first_batch(f"{tmp_path}/latents/00000.tar", latents=True, resolution=128)
+
+
+def test_precompute_then_train_on_the_latents_end_to_end(tmp_path):
+    """What the 512 px stages run: `python -m data precompute --no-text` over image shards, then the
+    trainer (2 processes, FSDP2, every default of the mini stage) on the latent shards, to the export."""
+    from data.__main__ import main as data_main
+    from train_helpers import run_train, status
+
+    write_synthetic_shards(tmp_path / "images", num_shards=2, samples_per_shard=8, image_size=RESOLUTION, seed=1)
+    assert data_main(["precompute", str(tmp_path / "images"), "--out", str(tmp_path / "latents"), "--random",
+                      "--arch", "tiny", "--resolution", str(RESOLUTION), "--no-text", "--decode-workers", "1",
+                      "--no-progress"]) == 0
+    run_dir = tmp_path / "run"
+    run_train(tmp_path, [f"stage.data.shards='{tmp_path}/latents/{{00000..00001}}.tar'", "stage.data.latents=true",
+                         f"run.dir={run_dir}", "parallel.precision=fp32"])
+    done = status(run_dir)
+    assert done["state"] == "finished" and done["step"] == 6 and (run_dir / "export" / "model.ckpt").is_file()
