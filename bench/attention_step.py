@@ -23,14 +23,14 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.unet_step import time_steps  # noqa: E402
+from bench.unet_step import time_steps, write_report  # noqa: E402
 from models import configs  # noqa: E402
 from models.attention import SDPA_BACKENDS as KERNELS  # noqa: E402
 from models.attention import attention  # noqa: E402
@@ -191,9 +191,7 @@ def main(argv=None) -> int:
     md = markdown(rows, latents, name) + (
         f"\nfastest pinned kernel over all latents: {best['kernel']}, "
         f"{100 * best['saving']:+.1f}% attention time against torch's own choice\n")
-    (args.out / "attention_step.md").write_text(md)
-    (args.out / "attention_step.json").write_text(json.dumps(
-        {"device": name, "rows": [asdict(r) for r in rows], "best": best}, indent=1))
+    write_report(args.out, "attention_step", md, name, rows, best=best)
     (args.out / "best.json").write_text(json.dumps(best))
     print("\n" + md + f"({time.perf_counter() - start:.0f} s)")
     return 0

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.unet_step import Result, measure, time_steps  # noqa: E402
+from bench.unet_step import Result, measure, time_steps, write_report  # noqa: E402
 from train.flops import peak_tflops, unet_train_flops_per_image  # noqa: E402
 
 
@@ -193,9 +193,7 @@ def main(argv=None) -> int:
                      f"| {r.read_wait_ms:.2f} | {r.bare_img_per_s:.2f} | {r.img_per_s / r.bare_img_per_s:.3f} "
                      f"| {r.syncs} | {r.status} |")
     md = f"device: {name}, torch {torch.__version__}\n\n" + "\n".join(lines) + "\n"
-    (args.out / "trainer_step.md").write_text(md)
-    (args.out / "trainer_step.json").write_text(json.dumps({"device": name, "rows": [asdict(r) for r in rows]},
-                                                           indent=1))
+    write_report(args.out, "trainer_step", md, name, rows)
     print("\n" + md)
     return 0
 

@@ -33,18 +33,11 @@ from train.flops import peak_tflops, unet_train_flops_per_image  # noqa: E402
 from train.parallel.base import compile_blocks, compile_in_place  # noqa: E402
 
 
-@dataclass
-class Result:
-    impl: str
-    arch: str
-    latent: int
-    batch: int
-    dtype: str
-    compile: bool
-    channels_last: bool
-    ac: str
-    compile_mode: str = "default"
-    attention: str = "sdpa"  # models/attention.py backend; diffusers runs under the same pinned SDPA kernel
+@dataclass(kw_only=True)
+class StepRates:
+    """What a timed row records (the benches' shared columns); the row itself says what ran, and its
+    `batch` how many images one timed call processes."""
+
     ms_per_step: float = float("nan")
     img_per_s: float = float("nan")
     tflops: float = float("nan")
@@ -59,6 +52,27 @@ class Result:
         self.mfu = self.tflops / peak if peak else float("nan")
         if device == "cuda":
             self.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
+
+
+@dataclass
+class Result(StepRates):
+    impl: str
+    arch: str
+    latent: int
+    batch: int
+    dtype: str
+    compile: bool
+    channels_last: bool
+    ac: str
+    compile_mode: str = "default"
+    attention: str = "sdpa"  # models/attention.py backend; diffusers runs under the same pinned SDPA kernel
+
+
+def write_report(out: Path, stem: str, md: str, device: str, rows: list, **extra) -> None:
+    """`<stem>.md` and `<stem>.json` ({"device", "rows", **extra}) under `out`."""
+    (out / f"{stem}.md").write_text(md)
+    (out / f"{stem}.json").write_text(json.dumps({"device": device, "rows": [asdict(r) for r in rows], **extra},
+                                                 indent=1))
 
 
 def time_steps(step, steps: int, warmup: int, device: str, warmup_step=None) -> float:

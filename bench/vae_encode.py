@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.unet_step import time_steps  # noqa: E402
+from bench.unet_step import StepRates, time_steps, write_report  # noqa: E402
 from models import configs  # noqa: E402
 from models.vae import AutoencoderKL  # noqa: E402
 from train.flops import peak_tflops, vae_encode_flops_per_image  # noqa: E402
@@ -33,17 +31,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # no fp16: SD's VAE ov
 
 
 @dataclass
-class Row:
+class Row(StepRates):
     resolution: int
-    batch: int
+    batch: int  # images per encoder call (ms_per_step: one call)
     dtype: str
     channels_last: bool
-    ms_per_batch: float = float("nan")
-    img_per_s: float = float("nan")
-    tflops: float = float("nan")
-    mfu: float = float("nan")
-    peak_mem_gib: float = float("nan")
-    status: str = "ok"
 
 
 def measure(row: Row, vae: AutoencoderKL, device: str, steps: int, warmup: int, peak: float | None) -> Row:
@@ -58,20 +50,15 @@ def measure(row: Row, vae: AutoencoderKL, device: str, steps: int, warmup: int, 
         posterior = vae.encode(x)
         return posterior.mean, posterior.std  # what precompute keeps
 
-    seconds = time_steps(encode, steps, warmup, device)
-    row.ms_per_batch = 1e3 * seconds
-    row.img_per_s = row.batch / seconds
-    row.tflops = row.img_per_s * vae_encode_flops_per_image(vae.cfg, row.resolution) / 1e12
-    row.mfu = row.tflops / peak if peak else float("nan")
-    if device == "cuda":
-        row.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
+    row.record_rates(time_steps(encode, steps, warmup, device), vae_encode_flops_per_image(vae.cfg, row.resolution),
+                     peak, device)
     return row
 
 
 def to_markdown(rows: list[Row], name: str) -> str:
     lines = [f"device: {name}", "", "| resolution | batch | dtype | channels-last | ms/batch | img/s | TFLOP/s | MFU "
              "| peak GiB | status |", "|" + "---|" * 10]
-    lines += [f"| {r.resolution} | {r.batch} | {r.dtype} | {r.channels_last} | {r.ms_per_batch:.1f} | "
+    lines += [f"| {r.resolution} | {r.batch} | {r.dtype} | {r.channels_last} | {r.ms_per_step:.1f} | "
               f"{r.img_per_s:.1f} | {r.tflops:.1f} | {r.mfu:.3f} | {r.peak_mem_gib:.1f} | {r.status} |" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -114,9 +101,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(to_markdown([row], name).splitlines()[-1], flush=True)
     md = to_markdown(rows, name)
-    (args.out / "vae_encode.md").write_text(md)
-    (args.out / "vae_encode.json").write_text(json.dumps({"device": name, "rows": [asdict(r) for r in rows]},
-                                                         indent=1))
+    write_report(args.out, "vae_encode", md, name, rows)
     print("\n" + md)
     return 0
 
