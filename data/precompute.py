@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from .latent_format import CONTEXT_SHAPE, LATENT_CHANNELS, LatentShardWriter
+from .samples import IMAGE_EXTS
 from .shard_io import iter_shard_samples
 from .transforms import decode_resize_crop, to_pixels
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Per-sample reasons a sample is not written (the shard-level ones come from data.shard_io).
 NO_IMAGE = "no_image"
