@@ -25,7 +25,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from tools.plan_encoders import VaeEncoderCost, vae_encoder_costs
+from tools.plan_encoders import (VaeEncoderCost, text_encode_flops_per_caption, vae_encode_flops_per_image,
+                                 vae_encoder_costs)
 from tools.plan_network import BACKEND_VOLUME, bytes_per_step, collective_seconds
 from train.config import REDUCE_DTYPES
 
@@ -202,22 +203,6 @@ def peak_tflops_for(gpu: str, dtype: str) -> float:
     if peaks[dtype] is None:
         raise PlanError(f"{gpu} has no {dtype} tensor cores; choose another --dtype")
     return float(peaks[dtype])
-
-
-def vae_encode_flops_per_image(resolution: int) -> float:
-    """SD v1 VAE encoder forward (train/flops.py): 273 GFLOP at 256, 1,117 at 512."""
-    from models.configs import VAEConfig
-    from train.flops import vae_encode_flops_per_image as counted
-
-    return counted(VAEConfig(), resolution)
-
-
-def text_encode_flops_per_caption() -> float:
-    """CLIP ViT-L/14 text tower forward on 77 tokens (train/flops.py): 13 GFLOP."""
-    from models.configs import TextEncoderConfig
-    from train.flops import text_encode_flops_per_caption as counted
-
-    return counted(TextEncoderConfig())
 
 
 # ---- the plan -------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The frozen VAE encoder's share of a stage plan (tools/plan_cost.py), priced both ways: precomputed
 (`python -m data precompute`: one forward per distinct image, before training) or in the training loop
-(one per sample, on top of each step's compute, so free while a step waits for the network).
+(one per sample, on top of each step's compute, so free while a step waits for the network). And the
+SD v1 frozen encoders' FLOPs, which plan_cost adds to a step's with --vae-online / --text-online.
 """
 from __future__ import annotations
 
@@ -36,6 +37,22 @@ class VaeEncoderCost:
         return self.precompute_gpu_hours if self.precomputed else self.loop_gpu_hours
 
 
+def vae_encode_flops_per_image(resolution: int) -> float:
+    """SD v1 VAE encoder forward (train/flops.py): 273 GFLOP at 256, 1,117 at 512."""
+    from models.configs import VAEConfig
+    from train.flops import vae_encode_flops_per_image as counted
+
+    return counted(VAEConfig(), resolution)
+
+
+def text_encode_flops_per_caption() -> float:
+    """CLIP ViT-L/14 text tower forward on 77 tokens (train/flops.py): 13 GFLOP."""
+    from models.configs import TextEncoderConfig
+    from train.flops import text_encode_flops_per_caption as counted
+
+    return counted(TextEncoderConfig())
+
+
 def vae_encoder_costs(stages: Sequence[Stage], costs: Sequence[StageCost], flops_model: FlopsModel,
                       hw: Hardware) -> list[VaeEncoderCost]:
     """The VAE encoder's cost per dataset, precomputed and in the loop, for the stages whose FLOPs leave
@@ -43,8 +60,6 @@ def vae_encoder_costs(stages: Sequence[Stage], costs: Sequence[StageCost], flops
     (v1-2 and v1-3), and a subset with fewer rows than the samples drawn bounds it (v1-1_512 draws 397M
     samples from laion-high-resolution's ~170M rows)."""
     from data.stages import STAGES
-    from models.configs import VAEConfig
-    from train.flops import vae_encode_flops_per_image
 
     if flops_model.vae_encode:
         return []  # counted in every image's FLOPs (a throughput measured with the encoder in the loop)
@@ -58,7 +73,7 @@ def vae_encoder_costs(stages: Sequence[Stage], costs: Sequence[StageCost], flops
         samples = sum(c.images for _, c in members)
         max_rows = STAGES[label].max_rows if label in STAGES else None
         images = samples if max_rows is None else min(samples, max_rows)
-        per_image = vae_encode_flops_per_image(VAEConfig(), resolution)
+        per_image = vae_encode_flops_per_image(resolution)
         precompute_hours = loop_hours = None
         if all(c.img_per_s_per_gpu for _, c in members):
             # The encoder at the UNet step's compute MFU: its seconds per image are the step's, scaled by
