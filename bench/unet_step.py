@@ -67,6 +67,11 @@ class Result(StepRates):
     compile_mode: str = "default"
     attention: str = "sdpa"  # models/attention.py backend; diffusers runs under the same pinned SDPA kernel
 
+    def setting(self) -> tuple:
+        """What was run, but for the implementation and the micro-batch: rows compared or fitted together."""
+        return (self.arch, self.latent, self.dtype, self.compile, self.compile_mode, self.channels_last, self.ac,
+                self.attention)
+
 
 def write_report(out: Path, stem: str, md: str, device: str, rows: list, **extra) -> None:
     """`<stem>.md` and `<stem>.json` ({"device", "rows", **extra}) under `out`."""
@@ -179,11 +184,11 @@ def table(results: list[Result]) -> str:
     base: dict[tuple, float] = {}  # diffusers' best (per-block or whole-graph compile) for each setting
     for r in results:
         if r.impl.startswith("diffusers") and r.status == "ok":
-            key = (r.arch, r.latent, r.batch, r.dtype, r.compile, r.compile_mode, r.channels_last, r.ac, r.attention)
+            key = (r.setting(), r.batch)
             base[key] = max(base.get(key, 0.0), r.img_per_s)
     for r in results:
         ratio = ""
-        key = (r.arch, r.latent, r.batch, r.dtype, r.compile, r.compile_mode, r.channels_last, r.ac, r.attention)
+        key = (r.setting(), r.batch)
         if r.impl.startswith("ours") and key in base:
             ratio = f"{base[key] / r.img_per_s:.3f} / {r.img_per_s / base[key]:.2f}x"
         compiled = r.compile_mode if r.compile else False
@@ -201,10 +206,9 @@ def largest_batches(results: list[Result], memory_gib: float = 79.0) -> str:
     groups: dict[tuple, list[Result]] = {}
     for r in results:
         if r.status == "ok" and r.peak_mem_gib == r.peak_mem_gib:  # measured (not NaN: a GPU row)
-            key = (r.impl, r.arch, r.latent, r.dtype, r.compile, r.compile_mode, r.channels_last, r.ac, r.attention)
-            groups.setdefault(key, []).append(r)
+            groups.setdefault((r.impl, r.setting()), []).append(r)
     lines = []
-    for (impl, arch, latent, dtype, compile_, mode, cl, ac, attention), rows in groups.items():
+    for rows in groups.values():
         batches = [r.batch for r in rows]
         if len(set(batches)) < 2:
             continue
@@ -213,8 +217,10 @@ def largest_batches(results: list[Result], memory_gib: float = 79.0) -> str:
                      / sum((b - mean_b) ** 2 for b in batches))
         fixed = mean_m - per_image * mean_b
         largest = int((memory_gib - fixed) / per_image + 1e-6) if per_image > 0 else None  # 1e-6: float noise
-        lines.append(f"| {impl} | {arch} | {latent} | {dtype} | {mode if compile_ else False} | {cl} | {ac} | "
-                     f"{attention} | {','.join(map(str, sorted(batches)))} | {fixed:.1f} | {per_image:.3f} | "
+        r = rows[0]
+        lines.append(f"| {r.impl} | {r.arch} | {r.latent} | {r.dtype} | {r.compile_mode if r.compile else False} | "
+                     f"{r.channels_last} | {r.ac} | {r.attention} | {','.join(map(str, sorted(batches)))} | "
+                     f"{fixed:.1f} | {per_image:.3f} | "
                      f"{largest if largest is not None else '-'} |")
     if not lines:
         return ""
