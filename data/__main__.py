@@ -104,17 +104,23 @@ def cmd_download(args) -> int:
 def cmd_precompute(args) -> int:
     from models.tokenizer import CLIPTokenizer
 
-    from .precompute import PrecomputeConfig, load_models, precompute_shards
+    from .precompute import PrecomputeConfig, load_models, local_device, part_from_env, precompute_shards
 
     if (args.checkpoint is None) == (not args.random):
         raise SystemExit("precompute: give --checkpoint PATH, or --random for randomly initialised models (smoke tests)")
     resolution = args.resolution or (get_stage(args.stage).image_size if args.stage else None)
     if resolution is None:
         raise SystemExit("precompute: give --resolution or --stage")
-    index, count = (int(x) for x in args.part.split("/"))
+    if args.part == "env":
+        index, count = part_from_env()
+    else:
+        try:
+            index, count = (int(x) for x in args.part.split("/"))
+        except ValueError:
+            raise ValueError(f"--part {args.part}: give I/N (e.g. 3/8) or env") from None
     config = PrecomputeConfig(resolution=resolution, batch_size=args.batch_size, text=not args.no_text,
-                              device=args.device, dtype=args.dtype, decode_workers=args.decode_workers,
-                              part=(index, count))
+                              device=local_device(args.device), dtype=args.dtype,
+                              decode_workers=args.decode_workers, part=(index, count))
     vae, text_encoder = load_models(args.checkpoint, args.arch, seed=args.seed)
     tokenizer = None if args.no_text else CLIPTokenizer()
     report = precompute_shards(args.inputs, args.out, vae, text_encoder, tokenizer, config, progress=not args.no_progress)
@@ -229,10 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=list(STAGES), help="take the resolution from a preset")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-text", action="store_true", help="latents only")
-    p.add_argument("--device", default="cpu", help="e.g. cuda, cuda:1")
+    p.add_argument("--device", default="cpu", help="e.g. cuda:1; cuda alone under torchrun or srun is the "
+                   "process's own GPU (LOCAL_RANK / SLURM_LOCALID)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--decode-workers", type=int, default=4)
-    p.add_argument("--part", default="0/1", help="I/N: this worker's share of the shards (every N-th from I)")
+    p.add_argument("--part", default="0/1", help="I/N: this worker's share of the shards (every N-th from I); env: "
+                   "I and N from torchrun (RANK/WORLD_SIZE) or srun (SLURM_PROCID/SLURM_NTASKS)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_precompute)
 

@@ -96,9 +96,13 @@ class PrecomputeReport:
 
 
 def list_shards(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Shard files from paths, folders (their *.tar) and brace patterns ("/data/{00000..00099}.tar", the
+    form `stage.data.shards` takes; quoted on a command line, the shell leaves the expanding to us)."""
+    from braceexpand import braceexpand
+
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     shards: list[Path] = []
-    for item in map(Path, items):
+    for item in (Path(p) for i in items for p in braceexpand(str(i))):
         if item.is_dir():
             found = sorted(item.glob("*.tar"))
             if not found:
@@ -112,6 +116,30 @@ def list_shards(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     if len(set(names)) != len(names):
         raise ValueError("input shards share file names; outputs are named after inputs, so give one folder per run")
     return shards
+
+
+def part_from_env(environ=os.environ) -> tuple[int, int]:
+    """(index, count) of this process among its launcher's: torchrun's RANK / WORLD_SIZE, else srun's
+    SLURM_PROCID / SLURM_NTASKS (one task per GPU: `python -m launch` submits precompute jobs so)."""
+    for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank in environ and world in environ:
+            return int(environ[rank]), int(environ[world])
+    raise ValueError("--part env: neither RANK/WORLD_SIZE (torchrun) nor SLURM_PROCID/SLURM_NTASKS (srun) is set; "
+                     "give --part I/N")
+
+
+def local_device(device: str, environ=os.environ) -> str:
+    """"cuda" alone, in one of several processes on a node, is that process's GPU (LOCAL_RANK, else
+    SLURM_LOCALID), unless the launcher left it one GPU to see (then that one)."""
+    local = environ.get("LOCAL_RANK", environ.get("SLURM_LOCALID"))
+    if device != "cuda" or local is None:
+        return device
+    visible = torch.cuda.device_count()
+    if visible <= 1:
+        return device
+    if int(local) >= visible:
+        raise ValueError(f"process {local} on this node sees only {visible} GPUs: start one process per GPU")
+    return f"cuda:{int(local)}"
 
 
 def load_models(checkpoint: str | os.PathLike | None, arch: str = "sd-v1", seed: int = 0):

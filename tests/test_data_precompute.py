@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from data.latent_format import UNCOND_KEY, decode_context, decode_latent
-from data.precompute import UNDECODABLE_IMAGE, PrecomputeConfig, load_models, precompute_shards
+from data.precompute import (UNDECODABLE_IMAGE, PrecomputeConfig, list_shards, load_models, local_device,
+                             part_from_env, precompute_shards)
 from data.shard_io import iter_shard_samples
 from data.synth import write_synthetic_shards
 from data.transforms import decode_resize_crop, to_pixels
@@ -155,3 +156,35 @@ def test_the_next_batch_decodes_while_this_one_is_encoded(models, tmp_path, monk
     report = precompute_shards(src, tmp_path / "latents", vae, config=cfg, progress=False)
     assert report.samples_written == 6 and overlapped == [True, True, True]
     assert list(read_shard(tmp_path / "latents" / "00000.tar")) == list(read_shard(src / "00000.tar"))
+
+
+def test_inputs_take_the_brace_patterns_stage_data_shards_takes(tmp_path):
+    """The README's `python -m data precompute 'shards/{00000..00099}.tar'`: quoted, the shell leaves the
+    braces to us (and a chain's stage.data.precompute_from is such a pattern)."""
+    from data.__main__ import main as data_main
+
+    write_synthetic_shards(tmp_path / "images", num_shards=3, samples_per_shard=1, image_size=RESOLUTION)
+    pattern = f"{tmp_path}/images/{{00000..00001}}.tar"
+    assert [s.name for s in list_shards(pattern)] == ["00000.tar", "00001.tar"]
+    with pytest.raises(FileNotFoundError, match="00003.tar: no such shard"):
+        list_shards(f"{tmp_path}/images/{{00002..00003}}.tar")
+    assert data_main(["precompute", pattern, "--out", str(tmp_path / "latents"), "--random", "--arch", "tiny",
+                      "--resolution", str(RESOLUTION), "--no-text", "--decode-workers", "1", "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "latents").iterdir()) == ["00000.tar", "00001.tar"]
+
+
+def test_part_and_gpu_from_the_launcher_environment(monkeypatch):
+    assert part_from_env({"RANK": "3", "WORLD_SIZE": "8", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == (3, 8)
+    assert part_from_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16"}) == (5, 16)
+    with pytest.raises(ValueError, match="give --part I/N"):
+        part_from_env({})
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert local_device("cuda", {"SLURM_LOCALID": "6"}) == "cuda:6"
+    assert local_device("cuda", {"LOCAL_RANK": "2", "SLURM_LOCALID": "0"}) == "cuda:2"
+    assert local_device("cuda:1", {"LOCAL_RANK": "2"}) == "cuda:1" and local_device("cpu", {"LOCAL_RANK": "2"}) == "cpu"
+    assert local_device("cuda", {}) == "cuda"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # srun bound one GPU to the task
+    assert local_device("cuda", {"SLURM_LOCALID": "6"}) == "cuda"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(ValueError, match="one process per GPU"):
+        local_device("cuda", {"LOCAL_RANK": "4"})
