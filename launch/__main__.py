@@ -15,18 +15,26 @@ import sys
 
 from launch import chain, slurm
 from launch.config import ConfigError, StageJob, stage_job
-from launch.sbatch import render
+from launch.precompute import PrecomputeJob, precompute_argv
+from launch.sbatch import render, render_precompute
 from launch.status import format_table, stage_rows
 from launch.torchrun import free_port, shell_join, torchrun_argv, worker_env
 from train.status import read_status
 
 
-def _python(job: StageJob) -> str:
+def _python(job: StageJob | PrecomputeJob) -> str:
     return job.cluster.python or sys.executable
 
 
 def cmd_torchrun(args) -> int:
     job = stage_job(args.overrides)
+    if job.precompute is not None and job.precompute.missing():
+        pre = job.precompute
+        make = shell_join(["torchrun", f"--nproc-per-node={pre.tasks_per_node}",
+                           *precompute_argv(pre, python="python")[len(pre.cluster.exec_prefix) + 1:]])
+        raise ConfigError(f"stage {job.stage} reads latent shards that are not made yet ({len(pre.missing())} of "
+                          f"{len(pre.latents)} missing in {pre.out_dir}); make them on this node first (the same on "
+                          f"each node, with --nnodes and a rendezvous, for several):\n  {make}")
     port = args.master_port or job.cluster.master_port
     if port is None:
         if job.cluster.nodes > 1:
@@ -48,18 +56,22 @@ def cmd_torchrun(args) -> int:
 def _submit_all(jobs: list[StageJob], args) -> int:
     """Plan (skip finished stages, never submit a queued one twice), then submit or, with --dry-run, print."""
     can_ask_slurm = not args.dry_run or shutil.which("squeue")
-    decisions = chain.plan(jobs, status_of=read_status,
-                           active_of=slurm.active_job if can_ask_slurm else (lambda run_dir: None))
+    active_of = slurm.active_job if can_ask_slurm else (lambda run_dir: None)
+    decisions = chain.plan(jobs, status_of=read_status, active_of=active_of)
+    precompute = chain.plan_precompute(decisions, active_of=active_of)
 
-    def submit(job: StageJob, after: str | None) -> str:
-        script = render(job, python=_python(job), module=args.module, dependency=after)
+    def submit(job: StageJob | PrecomputeJob, after: str | None) -> str:
+        if isinstance(job, PrecomputeJob):
+            script = render_precompute(job, python=_python(job))
+        else:
+            script = render(job, python=_python(job), module=args.module, dependency=after)
         if args.dry_run:
             print(script)
             return f"<job of {job.stage}>"
         return slurm.submit(job, script, after)
 
-    chain.execute(decisions, submit)
-    for d in decisions:
+    chain.execute(decisions, submit, precompute)
+    for d in [*precompute, *decisions]:
         print(("# dry run: " if args.dry_run else "") + chain.describe(d))
     return 0
 

@@ -5,6 +5,9 @@ Each stage after the first is initialised from the previous stage's export
 warmup) is the stage config's `stage.init`. Submitting a chain again is safe: a finished stage is
 skipped, a stage that Slurm still holds (pending, running, requeued) is not submitted twice and the
 next stage waits for that job, and anything else is submitted, resuming from its own checkpoints.
+
+A stage with `stage.data.precompute_from` also waits for the job making its latent shards
+(launch/precompute.py), submitted first and once per latent folder, unless they are all there already.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from launch.config import ConfigError, StageJob, stage_job
+from launch.precompute import PrecomputeJob, same_work
 
 # conf/stage/<name>.yaml, in training order (SD v1 model card).
 DEFAULT_STAGES = "v1-1_256,v1-1_512,v1-2,v1-3"
@@ -74,7 +78,7 @@ def compose_chain(specs: Sequence[StageSpec], tokens: Sequence[str], *, strict: 
 
 @dataclass
 class Decision:
-    job: StageJob
+    job: StageJob | PrecomputeJob
     action: str  # "finished": skipped; "queued": Slurm already holds it as job_id; "submit"
     job_id: str | None = None
     after: str | None = None  # the job it waits for (afterok)
@@ -98,20 +102,51 @@ def plan(jobs: Sequence[StageJob], status_of: Callable, active_of: Callable) -> 
     return decisions
 
 
-def execute(decisions: Sequence[Decision], submit: Callable[[StageJob, str | None], str]) -> None:
-    """Submit in order; each submitted stage waits (afterok) for the previous stage's job, if any."""
+def plan_precompute(decisions: Sequence[Decision], active_of: Callable) -> list[Decision]:
+    """The latent-shard jobs (launch/precompute.py) of the stages about to be submitted, one per latent
+    folder: "finished" when every latent shard is there, "queued" when Slurm holds its job, else "submit"."""
+    by_folder: dict = {}
+    for d in decisions:
+        job = d.job.precompute
+        if d.action != "submit" or job is None:
+            continue  # a finished stage needs nothing; a queued one was submitted with its dependencies
+        if job.out_dir in by_folder:
+            same_work(by_folder[job.out_dir].job, job)
+            continue
+        if not job.missing():
+            by_folder[job.out_dir] = Decision(job, "finished")
+        else:
+            active = active_of(job.run_dir)
+            by_folder[job.out_dir] = Decision(job, "queued", job_id=active) if active else Decision(job, "submit")
+    return list(by_folder.values())
+
+
+def execute(decisions: Sequence[Decision], submit: Callable[[StageJob, str | None], str],
+            precompute: Sequence[Decision] = ()) -> None:
+    """Submit the latent-shard jobs, then the stages in order; each submitted stage waits (afterok) for the
+    previous stage's job and for its latent shards' job, where either is still to run."""
+    for d in precompute:
+        if d.action == "submit":
+            d.job_id = submit(d.job, None)
+    latents_job = {d.job.out_dir: d.job_id for d in precompute}  # None when the shards are all there
     previous: str | None = None
     for d in decisions:
         if d.action == "submit":
-            d.after = previous
-            d.job_id = submit(d.job, previous)
+            made_by = latents_job.get(d.job.precompute.out_dir) if d.job.precompute else None
+            d.after = ":".join(j for j in (previous, made_by) if j) or None
+            d.job_id = submit(d.job, d.after)
         previous = d.job_id  # None after a finished stage: nothing to wait for
 
 
 def describe(d: Decision) -> str:
     if d.action == "finished":
+        if isinstance(d.job, PrecomputeJob):
+            return f"{d.job.stage}: all {len(d.job.latents)} latent shards in {d.job.out_dir}, nothing to make"
         return f"{d.job.stage}: finished, skipped ({d.job.run_dir})"
     if d.action == "queued":
         return f"{d.job.stage}: already in Slurm as job {d.job_id}, not submitted again"
-    after = f" after job {d.after} (afterok)" if d.after else ""
+    after = f" after job{'s' if ':' in d.after else ''} {d.after.replace(':', ', ')} (afterok)" if d.after else ""
+    if isinstance(d.job, PrecomputeJob):
+        return (f"{d.job.stage}: submitted as job {d.job_id}: {len(d.job.missing())} of {len(d.job.latents)} "
+                f"latent shards to make -> {d.job.out_dir}")
     return f"{d.job.stage}: submitted as job {d.job_id}{after} -> {d.job.run_dir}"

@@ -13,9 +13,10 @@ from typing import Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
 from train import main as train_main  # importing it registers the schema ("train_schema") with Hydra
+from launch.precompute import PrecomputeJob, precompute_job
 from train.config import ClusterConfig, ConfigError, validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +37,8 @@ class StageJob:
     run_dir: Path  # absolute, so the login node, every node and the status command agree
     cluster: ClusterConfig
     overrides: tuple[str, ...]  # for `python -m train`; ends with run.dir=<absolute run_dir>
+    # The job making its latent shards (stage.data.precompute_from), if it has one.
+    precompute: PrecomputeJob | None = None
 
     @property
     def world_size(self) -> int:
@@ -66,14 +69,21 @@ def stage_job(overrides: Sequence[str], *, strict: bool = True) -> StageJob:
     run_dir = Path(str(cfg.run.dir)).expanduser().absolute()
     cluster: ClusterConfig = OmegaConf.to_object(
         OmegaConf.merge(OmegaConf.structured(ClusterConfig), cfg.cluster))
+    precompute = None
     if strict:
         typed = train_main.to_dataclass(cfg)
         validate(typed, cluster.nodes * cluster.gpus_per_node)
         check_cluster(cluster)
         check_first_shard(typed.stage.data, str(cfg.stage.name))
+        precompute = precompute_job(typed, cluster)
+    else:  # `launch status`: values may be missing (???), a precompute setting may be half given
+        try:
+            precompute = precompute_job(train_main.to_dataclass(cfg), cluster)
+        except (ConfigError, MissingMandatoryValue, ValueError):
+            precompute = None
     pinned = [o for o in overrides if not o.startswith("run.dir=")] + [f"run.dir={run_dir}"]
     return StageJob(name=f"{cfg.run.name}.{cfg.stage.name}", stage=str(cfg.stage.name), run_dir=run_dir,
-                    cluster=cluster, overrides=tuple(pinned))
+                    cluster=cluster, overrides=tuple(pinned), precompute=precompute)
 
 
 def check_first_shard(data, stage: str) -> None:

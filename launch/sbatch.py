@@ -1,4 +1,4 @@
-"""Render the sbatch script of one stage.
+"""Render the sbatch script of one stage (and of the job making a stage's latent shards, at the end).
 
 Layout: one Slurm task per node (`--ntasks-per-node=1`), each running torchrun, which starts the node's
 GPU workers. Not one task per GPU, because torchrun then (1) restarts the group in place after a
@@ -22,7 +22,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from launch.config import REPO, ConfigError, StageJob
+from launch.precompute import PrecomputeJob, precompute_argv
 from launch.torchrun import Shell, shell_join, torchrun_argv, worker_env
+from train.config import ClusterConfig
 
 REQUEUE_EXIT_CODE = 75  # the trainer's "requeue me"; also this script's exit when Slurm stops the job
 
@@ -91,17 +93,12 @@ exit $(( rc == 0 ? 1 : rc ))  # the stage did not finish
 """
 
 
-def log_dir(job: StageJob) -> Path:
+def log_dir(job: StageJob | PrecomputeJob) -> Path:
     return Path(job.cluster.log_dir).absolute() if job.cluster.log_dir else job.run_dir / "slurm"
 
 
-def directives(job: StageJob, dependency: str | None = None, repo: Path = REPO) -> list[str]:
-    c = job.cluster
-    lines = [f"--job-name={job.name}", f"--nodes={c.nodes}", "--ntasks-per-node=1",
-             f"--cpus-per-task={c.cpus_per_task}", f"--time={c.time_limit}",
-             # One log per job id: a requeued run (same id) appends to it.
-             f"--output={log_dir(job)}/%j.out", "--open-mode=append",
-             "--requeue", f"--signal=B:USR1@{c.signal_grace_s}", f"--chdir={repo}"]
+def _site_directives(c: ClusterConfig) -> list[str]:
+    lines = []
     if c.device == "cuda":
         lines.append(f"--gpus-per-node={c.gpus_per_node}")
     if c.mem is not None:
@@ -110,8 +107,18 @@ def directives(job: StageJob, dependency: str | None = None, repo: Path = REPO) 
         lines.append(f"--partition={c.partition}")
     if c.account:
         lines.append(f"--account={c.account}")
+    return lines
+
+
+def directives(job: StageJob, dependency: str | None = None, repo: Path = REPO) -> list[str]:
+    c = job.cluster
+    lines = [f"--job-name={job.name}", f"--nodes={c.nodes}", "--ntasks-per-node=1",
+             f"--cpus-per-task={c.cpus_per_task}", f"--time={c.time_limit}",
+             # One log per job id: a requeued run (same id) appends to it.
+             f"--output={log_dir(job)}/%j.out", "--open-mode=append",
+             "--requeue", f"--signal=B:USR1@{c.signal_grace_s}", f"--chdir={repo}", *_site_directives(c)]
     if dependency:
-        # A failed stage cancels the ones after it instead of leaving them pending forever.
+        # "id[:id...]": all must succeed. A failed job cancels its dependents instead of leaving them pending.
         lines += [f"--dependency=afterok:{dependency}", "--kill-on-invalid-dep=yes"]
     return lines + list(c.sbatch_args)
 
@@ -127,13 +134,17 @@ def _word_groups(argv: list[str]) -> list[str]:
     return [shell_join(g) for g in groups]
 
 
+def _check_paths(*paths: Path) -> None:
+    for path in paths:
+        if any(ch.isspace() for ch in str(path)):
+            raise ConfigError(f"{path}: #SBATCH lines cannot hold paths with spaces; choose run.dir / "
+                              "cluster.log_dir / latent folders without them")
+
+
 def render(job: StageJob, *, python: str, module: str = "train", dependency: str | None = None,
            repo: Path = REPO) -> str:
     c = job.cluster
-    for path in (job.run_dir, log_dir(job), repo):
-        if any(ch.isspace() for ch in str(path)):
-            raise ConfigError(f"{path}: #SBATCH lines cannot hold paths with spaces; choose run.dir / "
-                             "cluster.log_dir without them")
+    _check_paths(job.run_dir, log_dir(job), repo)
     argv = torchrun_argv(job, python=python, nnodes=Shell("$SLURM_NNODES"),
                          rdzv_endpoint=Shell("$MASTER_ADDR:$MASTER_PORT"),
                          rdzv_id=Shell("$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}"),
@@ -153,3 +164,48 @@ def render(job: StageJob, *, python: str, module: str = "train", dependency: str
               f"# Stage {job.stage} on cluster={c.name}: {c.nodes} x {c.gpus_per_node} {c.device} processes.",
               "# Rendered by `python -m launch`; change the config and render again rather than editing."]
     return "\n".join(header + [f"#SBATCH {d}" for d in directives(job, dependency, repo)]) + "\n" + body
+
+
+_PRECOMPUTE_BODY = r"""
+set -uo pipefail
+echo "[launch] precompute job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST at $(date -Is)"
+@SETUP@
+@ENV@
+# One task per GPU; each encodes every N-th image shard (N = tasks) and skips the ones already written.
+srun --cpus-per-task="$SLURM_CPUS_PER_TASK" @SRUN_ARGS@@COMMAND@
+rc=$?
+echo "[launch] precompute exited $rc at $(date -Is)"
+exit $rc
+"""
+
+
+def _option_lines(argv: list[str]) -> list[str]:
+    """`[prefix] python -m data precompute INPUTS` on the first line, then one `--option [value]` a line."""
+    first = next(i for i, w in enumerate(argv) if w.startswith("--"))
+    lines, i = [argv[:first]], first
+    while i < len(argv):
+        take = 2 if i + 1 < len(argv) and not argv[i + 1].startswith("--") else 1
+        lines.append(argv[i:i + take])
+        i += take
+    return [shell_join(words) for words in lines]
+
+
+def render_precompute(job: PrecomputeJob, *, python: str, repo: Path = REPO) -> str:
+    """The latent shards' job (launch/precompute.py). No pre-emption handling: `--requeue` reruns it and it
+    skips what is written; the stages that need it wait for it with afterok."""
+    c = job.cluster
+    _check_paths(job.run_dir, log_dir(job), repo)
+    lines = [f"--job-name={job.name}", f"--nodes={c.nodes}", f"--ntasks-per-node={job.tasks_per_node}",
+             f"--cpus-per-task={job.cpus_per_task}", f"--time={c.time_limit}",
+             f"--output={log_dir(job)}/%j.out", "--open-mode=append", "--requeue", f"--chdir={repo}",
+             *_site_directives(c), *c.sbatch_args]
+    env = {"OMP_NUM_THREADS": str(job.cpus_per_task), **{k: str(v) for k, v in c.env.items()}}
+    body = (_PRECOMPUTE_BODY.replace("@SETUP@", "\n".join(c.setup))
+            .replace("@ENV@", "\n".join(f"export {k}={shell_join([v])}" for k, v in env.items()))
+            .replace("@SRUN_ARGS@", "".join(shell_join([a]) + " " for a in c.srun_args))
+            .replace("@COMMAND@", " \\\n    ".join(_option_lines(precompute_argv(job, python=python)))))
+    header = ["#!/bin/bash",
+              f"# Latent shards for stage {job.stage.split('/')[0]} in {job.out_dir} on cluster={c.name}: "
+              f"{c.nodes} x {job.tasks_per_node} {c.device} tasks.",
+              "# Rendered by `python -m launch`; change the config and render again rather than editing."]
+    return "\n".join(header + [f"#SBATCH {d}" for d in lines]) + "\n" + body

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from launch.config import StageJob
+from launch.precompute import PrecomputeJob
 from launch.sbatch import log_dir
 
 RECORD = "launch.json"
@@ -42,8 +43,9 @@ def read_record(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def submit(job: StageJob, script: str, dependency: str | None = None) -> str:
-    """sbatch the script; returns the job id and records it in the stage's run folder."""
+def submit(job: StageJob | PrecomputeJob, script: str, dependency: str | None = None) -> str:
+    """sbatch the script; returns the job id and records it in the job's run folder (a stage's, or a latent
+    folder's .precompute)."""
     folder = job.run_dir / "slurm"
     folder.mkdir(parents=True, exist_ok=True)
     log_dir(job).mkdir(parents=True, exist_ok=True)  # Slurm opens --output before the script runs

@@ -1,19 +1,35 @@
 """`python -m launch status`: each stage's state, step and last loss (from its status.json, written by
-the trainer) and, where the stage was submitted to Slurm, the job and what Slurm says of it."""
+the trainer) and, where the stage was submitted to Slurm, the job and what Slurm says of it; for a stage
+with `stage.data.precompute_from`, also the latent shards made so far and the job making them."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
 from launch.config import StageJob
+from launch.precompute import PrecomputeJob
 from train.status import read_status
 
 COLUMNS = ("stage", "state", "step", "loss", "updated", "job", "slurm")
 
 
+def _precompute_row(job: PrecomputeJob, read_record: Callable, job_state: Callable | None) -> dict:
+    """The latent shards' job as a row: its step is shards made of shards needed."""
+    made = len(job.latents) - len(job.missing())
+    job_id = (read_record(job.run_dir) or {}).get("job_id")
+    state = "done" if made == len(job.latents) else "incomplete" if made else "not started"
+    return {"stage": job.stage, "run_dir": str(job.out_dir), "state": state, "step": made,
+            "total_steps": len(job.latents), "loss": None, "updated": None, "job": job_id,
+            "slurm": job_state(job_id) if (job_id and job_state) else None}
+
+
 def stage_rows(jobs: Sequence[StageJob], read_record: Callable, job_state: Callable | None) -> list[dict]:
-    """One dict a stage; `job_state(job_id)` is None where Slurm is not reachable (local runs)."""
-    rows = []
+    """One dict a stage, after the one of the job making its latent shards (if it has one, listed once);
+    `job_state(job_id)` is None where Slurm is not reachable (local runs)."""
+    rows, latent_folders = [], set()
     for job in jobs:
+        if job.precompute is not None and job.precompute.out_dir not in latent_folders:
+            latent_folders.add(job.precompute.out_dir)
+            rows.append(_precompute_row(job.precompute, read_record, job_state))
         status = read_status(job.run_dir) or {}
         record = read_record(job.run_dir) or {}
         job_id = record.get("job_id")

@@ -1,13 +1,21 @@
 """The launcher on a real Slurm (22.05, two emulated nodes on this host, see .ci/slurm/) with the real
 trainer: a 2-node mini job interrupted mid-run comes back and ends exactly like an uninterrupted run,
-and a 2-stage chain starts its second stage from the first stage's weights.
+and a 2-stage chain starts its second stage from the first stage's weights, on latent shards a job
+submitted before it made.
 
 Each test runs one or two ~40 s jobs, one at a time (the cluster has two nodes, the machine 2 cores).
 """
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
+
+import torch
+
+from data.latent_format import decode_latent
+from data.precompute import PrecomputeConfig, load_models, precompute_shards
+from data.shard_io import iter_shard_samples
 
 from slurm_cluster import (JOB_TIMEOUT_S, SlurmCluster, assert_same_weights, job_env, launch, mini_overrides,
                            read_status, reference_run, shards, slurm_cluster, unet_weights, wait_for)
@@ -23,6 +31,19 @@ def _log(run_dir: Path, job_id: str) -> str:
 def _submit(cluster: SlurmCluster, run_dir: Path, shards: str, tmp: Path) -> str:
     launch(["slurm", "stage=mini_test", *mini_overrides(shards, run_dir)], job_env(tmp, SLURM_CONF=cluster.conf))
     return json.loads((run_dir / "slurm" / "launch.json").read_text())["job_id"]
+
+
+def _assert_latents_of(checkpoint: Path, images: str, latents: Path, scratch: Path) -> None:
+    """The latent shards are what the checkpoint's VAE makes of the images (float16 storage: one ulp)."""
+    vae, _ = load_models(checkpoint, arch="tiny")
+    precompute_shards(images, scratch, vae, config=PrecomputeConfig(resolution=64, text=False, decode_workers=1),
+                      progress=False)
+    for name in ("00000.tar", "00003.tar"):
+        made, here = ({k: s["latent.npy"] for _, k, s in iter_shard_samples(str(d / name), Counter())}
+                      for d in (latents, scratch))
+        assert made.keys() == here.keys()
+        for key in made:
+            torch.testing.assert_close(decode_latent(made[key], 8), decode_latent(here[key], 8), atol=1e-3, rtol=1e-3)
 
 
 def _status_is(run_dir: Path, state: str):
@@ -95,26 +116,32 @@ def test_preemption_warning_checkpoints_and_requeues_itself(slurm_cluster, shard
 
 
 def test_two_stage_chain_starts_the_second_stage_from_the_first(slurm_cluster, shards, tmp_path):
-    """The second stage runs with lr 0: its exported UNet is then exactly the weights it started from,
-    which must be the first stage's (trained) weights."""
-    runs = tmp_path / "runs"
+    """SD v1's chain shape: the first stage reads images, the second the latents of images, which a job
+    submitted first (`stage.data.precompute_from`) makes with the VAE the first stage trains with. The
+    second stage runs with lr 0: its exported UNet is then exactly the weights it started from, which
+    must be the first stage's (trained) weights."""
+    runs, latents = tmp_path / "runs", tmp_path / "latents"
+    images = shards.split("=", 1)[1].strip("'")
     args = ["chain", "--stages", "first=mini_test,second=mini_test", f"run.root={runs}", "run.name=chain",
-            *mini_overrides(shards), "second:optim.lr=0"]
+            *mini_overrides(shards), "second:optim.lr=0", f"second:stage.data.shards='{latents}/{{00000..00003}}.tar'",
+            "second:stage.data.latents=true", f"second:stage.data.precompute_from='{images}'"]
     env = job_env(tmp_path, SLURM_CONF=slurm_cluster.conf)
     launch(args, env)
     first, second = runs / "chain" / "first", runs / "chain" / "second"
-    ids = [json.loads((d / "slurm" / "launch.json").read_text()) for d in (first, second)]
+    ids = [json.loads((d / "slurm" / "launch.json").read_text()) for d in (first, second, latents / ".precompute")]
+    logs = lambda: "".join(_log(d, r["job_id"])[-3000:] for d, r in zip((first, second, latents / ".precompute"), ids))  # noqa: E731
     try:
-        assert ids[1]["dependency"] == ids[0]["job_id"]
-        assert slurm_cluster.job(ids[1]["job_id"])["Dependency"].startswith(f"afterok:{ids[0]['job_id']}")
-        wait_for(lambda: _status_is(second, "finished"), 2 * JOB_TIMEOUT_S, "both stages to finish",
-                 lambda: _log(first, ids[0]["job_id"])[-3000:] + _log(second, ids[1]["job_id"])[-3000:])
+        assert ids[1]["dependency"] == f"{ids[0]['job_id']}:{ids[2]['job_id']}" and ids[2]["dependency"] is None
+        dependency = slurm_cluster.job(ids[1]["job_id"])["Dependency"]
+        assert f"afterok:{ids[0]['job_id']}" in dependency and f"afterok:{ids[2]['job_id']}" in dependency
+        wait_for(lambda: _status_is(second, "finished"), 3 * JOB_TIMEOUT_S, "all three jobs to finish", logs)
     finally:
         for record in ids:
             slurm_cluster.cancel(record["job_id"])
     jobs = [slurm_cluster.job(r["job_id"]) for r in ids]
-    assert jobs[1]["StartTime"] >= jobs[0]["EndTime"], jobs  # ISO times compare as strings
+    assert jobs[1]["StartTime"] >= max(jobs[0]["EndTime"], jobs[2]["EndTime"]), jobs  # ISO times compare as strings
     assert_same_weights(unet_weights(second), unet_weights(first))
+    _assert_latents_of(first / "export" / "model.ckpt", images, latents, tmp_path / "here")
 
     # Submitting the chain again submits nothing: both stages are finished.
     again = launch(args, env)

@@ -50,6 +50,10 @@ class DataConfig:
     # Shards hold precomputed VAE latents (and maybe text embeddings) instead of images.
     latents: bool = False
     context: bool = False
+    # The image shards (a brace pattern) the latent shards are made from: `python -m launch slurm|chain`
+    # then submits `python -m data precompute` for the missing ones before the stage (launch/precompute.py).
+    # The trainer does not read it.
+    precompute_from: Optional[str] = None
     shuffle_buffer: int = 1000
     shards_per_group: int = 4
 
@@ -284,6 +288,10 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
                           f"{2 ** (len(sd.unet.channel_mult) - 1)})")
     if not 0.0 <= cfg.stage.data.caption_dropout < 1.0:
         raise ConfigError(f"stage.data.caption_dropout={cfg.stage.data.caption_dropout} must be in [0, 1)")
+    if cfg.stage.data.precompute_from is not None and not cfg.stage.data.latents:
+        raise ConfigError(f"stage.data.precompute_from={cfg.stage.data.precompute_from!r} makes latent shards, but "
+                          "stage.data.latents=false reads images: set latents=true (and stage.data.shards to where "
+                          "the latents go), or remove precompute_from")
     try:  # the loader checks its own settings (and the subset's name); say which of ours set them
         loader_config(cfg)
     except ValueError as err:
