@@ -27,7 +27,8 @@ from models import configs  # noqa: E402
 from models.vae import AutoencoderKL  # noqa: E402
 from train.flops import peak_tflops, vae_encode_flops_per_image  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # no fp16: SD's VAE overflows in it at 512 px
+# bf16: autocast (float32 weights, GroupNorm in float32). No fp16: SD's VAE overflows in it at 512 px.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -40,14 +41,16 @@ class Row(StepRates):
 
 def measure(row: Row, vae: AutoencoderKL, device: str, steps: int, warmup: int, peak: float | None) -> Row:
     dtype = DTYPES[row.dtype]
-    vae = vae.to(device, dtype, memory_format=torch.channels_last if row.channels_last else torch.contiguous_format)
-    x = torch.randn(row.batch, 3, row.resolution, row.resolution, device=device, dtype=dtype)
+    vae = vae.to(device, memory_format=torch.channels_last if row.channels_last else torch.contiguous_format)
+    x = torch.randn(row.batch, 3, row.resolution, row.resolution, device=device)
     if row.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
 
     @torch.no_grad()
     def encode():
-        posterior = vae.encode(x)
+        # bf16 as precompute and the training loop run it: autocast over float32 weights.
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+            posterior = vae.encode(x)
         return posterior.mean, posterior.std  # what precompute keeps
 
     row.record_rates(time_steps(encode, steps, warmup, device), vae_encode_flops_per_image(vae.cfg, row.resolution),

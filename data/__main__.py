@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-text", action="store_true", help="latents only")
     p.add_argument("--device", default="cpu", help="e.g. cuda:1; cuda alone under torchrun or srun is the "
                    "process's own GPU (LOCAL_RANK / SLURM_LOCALID)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="bfloat16: bf16 autocast, as a parallel.precision=bf16 run encodes images in its loop")
     p.add_argument("--decode-workers", type=int, default=4)
     p.add_argument("--part", default="0/1", help="I/N: this worker's share of the shards (every N-th from I); env: "
                    "I and N from torchrun (RANK/WORLD_SIZE) or srun (SLURM_PROCID/SLURM_NTASKS)")

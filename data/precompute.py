@@ -17,6 +17,7 @@ input shard starting at index.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -49,8 +50,10 @@ class PrecomputeConfig:
     # Encode captions too. Needs a CLIP ViT-L/14-width encoder: the format stores [77, 768].
     text: bool = True
     device: str = "cpu"
-    # float32 is the reference; bfloat16 roughly doubles GPU throughput and perturbs the mean by ~1e-2.
-    # No float16: SD's VAE overflows in it at 512 px.
+    # float32 is the reference. bfloat16 encodes under bf16 autocast (float32 weights; convolutions and
+    # matmuls in bf16, GroupNorm in float32), exactly as the trainer's loop encodes images at
+    # parallel.precision=bf16, so latents made so are the ones a bf16 run would make itself; on GPUs it
+    # about doubles throughput (tensor cores at twice TF32's rate). No float16: SD's VAE overflows in it at 512 px.
     dtype: str = "float32"
     # Threads decoding JPEGs (PIL releases the GIL while decoding).
     decode_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
@@ -175,8 +178,8 @@ class _Encoder:
     def __init__(self, vae, text_encoder, tokenizer, config: PrecomputeConfig):
         self.config = config
         self.device = torch.device(config.device)
-        self.dtype = DTYPES[config.dtype]
-        self.vae = vae.to(self.device, self.dtype).eval()
+        dtype = DTYPES[config.dtype]
+        self.vae = vae.to(self.device).eval()
         self.text_encoder = self.tokenizer = self.uncond = None
         if config.text:
             if text_encoder is None or tokenizer is None:
@@ -187,17 +190,23 @@ class _Encoder:
                 raise ValueError(f"the latent format stores [{CONTEXT_SHAPE[0]}, {CONTEXT_SHAPE[1]}] text contexts "
                                  f"(CLIP ViT-L/14) but this text encoder gives [{context_length}, {width}]; "
                                  "precompute latents only (text=False / --no-text) or use the SD v1 text encoder")
-            self.text_encoder, self.tokenizer = text_encoder.to(self.device, self.dtype).eval(), tokenizer
+            self.text_encoder, self.tokenizer = text_encoder.to(self.device).eval(), tokenizer
+        # A fresh context manager per call: torch.autocast objects are not re-entrant.
+        self.autocast = ((lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype != torch.float32
+                         else contextlib.nullcontext)
+        if config.text:
             self.uncond = self.encode_text([""])[0]
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         ids = self.tokenizer(captions, context_length=self.text_encoder.cfg.max_position_embeddings)
-        return self.text_encoder(ids.to(self.device)).float().cpu()
+        with self.autocast():
+            return self.text_encoder(ids.to(self.device)).float().cpu()
 
     @torch.no_grad()
     def encode_images(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        posterior = self.vae.encode(to_pixels(images).to(self.device, self.dtype))
+        with self.autocast():
+            posterior = self.vae.encode(to_pixels(images).to(self.device))
         return posterior.mean.float().cpu(), posterior.std.float().cpu()
 
 

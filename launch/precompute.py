@@ -10,7 +10,8 @@ latents (v1-2 and v1-3) and later submissions find one job. It is done when ever
 limit, pre-emption, a failed node) is simply submitted again and skips the shards already written.
 
 The latents must come from the VAE the stage trains with: `model.pretrained_first_stage`'s, or (toy
-models only) the random one the trainer builds from `run.seed`.
+models only) the random one the trainer builds from `run.seed`; encoded in the precision the stage's
+loop would encode images in (bf16 autocast at `parallel.precision=bf16`).
 """
 from __future__ import annotations
 
@@ -83,8 +84,11 @@ def precompute_job(cfg, cluster: ClusterConfig) -> PrecomputeJob | None:
         raise ConfigError("stage.data.precompute_from: set model.pretrained_first_stage to the SD v1 checkpoint whose "
                           "VAE the stages train with; the latents must come from that VAE")
     out_dir = latents[0].parent
+    # The encode precision the stage's loop would use on images (bf16 autocast, else float32: SD's VAE
+    # overflows in fp16), so the latents are the ones the run would make itself.
+    dtype = "bfloat16" if cfg.parallel.precision == "bf16" else "float32"
     args = [data.precompute_from, "--out", str(out_dir), *source, "--arch", cfg.model.arch,
-            "--resolution", str(data.resolution), "--no-progress"]
+            "--resolution", str(data.resolution), "--dtype", dtype, "--no-progress"]
     if not data.context:
         args.append("--no-text")  # the trainer encodes captions in its loop
     job = PrecomputeJob(name=f"{cfg.run.name}.precompute.{out_dir.name}", stage=f"{cfg.stage.name}/precompute",

@@ -73,6 +73,31 @@ def test_a_step_on_precomputed_latents_is_the_step_on_their_images(tmp_path):
     assert _loss(on_latents, latent_batch).item() == pytest.approx(_loss(on_images, image_batch).item(), rel=1e-4)
 
 
+def test_bf16_latents_are_what_a_bf16_run_encodes_in_its_loop(tmp_path):
+    """A bf16 stage's latents are made under bf16 autocast (launch/precompute.py passes --dtype bfloat16),
+    as its loop encodes images: the stored posterior is the loop's, exactly (a bf16 number is a float16
+    one, but for float16's subnormals below 6e-5); float32 latents are not."""
+    images = tmp_path / "images"
+    write_synthetic_shards(images, num_shards=1, samples_per_shard=4, image_size=RESOLUTION, seed=2)
+    settings = ("backend=ddp", "parallel.precision=bf16", "stage.micro_batch=4")
+    on_images = in_process_trainer(tmp_path / "a", f"{images}/00000.tar", *settings)
+    pixels = next(iter(on_images.loader))["pixels"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer's encode_autocast at bf16
+        in_loop = on_images.frozen.vae.encode(pixels)
+    for dtype in ("bfloat16", "float32"):
+        precompute_shards(images, tmp_path / dtype, on_images.frozen.vae, progress=False, config=PrecomputeConfig(
+            resolution=RESOLUTION, text=False, decode_workers=1, batch_size=4, dtype=dtype))
+        on_latents = in_process_trainer(tmp_path / f"b-{dtype}", f"{tmp_path}/{dtype}/00000.tar", *settings,
+                                        "stage.data.latents=true")
+        stored = next(iter(on_latents.loader))
+        mean_error = (stored["latent_mean"].float() - in_loop.mean.float()).abs().max().item()
+        std_error = (stored["latent_std"].float() - in_loop.std.float()).abs().max().item()
+        if dtype == "bfloat16":
+            assert max(mean_error, std_error) <= 2 ** -25, (mean_error, std_error)  # float16 subnormal rounding
+        else:
+            assert mean_error > 1e-3, mean_error
+
+
 def test_latents_with_random_crops_are_refused_at_start_up():
     cfg = compose_train_config("stage.data.shards=x.tar", "stage.data.latents=true", "stage.data.crop=random")
     with pytest.raises(ConfigError, match="stage.data.* sets loader.crop='random' with latents=True.*centre crop"):

@@ -46,10 +46,12 @@ def test_the_job_makes_the_stage_latents_with_the_stage_vae(images, tmp_path):
     assert job.latents == tuple(tmp_path / "lat" / f"0000{i}.tar" for i in range(3)) and len(job.missing()) == 3
     assert job.args == (f"{images}/{{00000..00002}}.tar", "--out", str(tmp_path / "lat"), "--checkpoint",
                         os.path.expanduser("~/sd-v1-1.ckpt"), "--arch", "tiny", "--resolution", "64",
-                        "--no-progress", "--no-text")
+                        "--dtype", "bfloat16", "--no-progress", "--no-text")
     assert job.cpus_per_task == 4 and job.stage == "mini_test/precompute"
-    with_text = stage_job(_latent_stage(images, tmp_path / "lat", "stage.data.context=true")).precompute
-    assert "--no-text" not in with_text.args and with_text.args[3:6] == ("--random", "--seed", "0")
+    fp32 = stage_job(_latent_stage(images, tmp_path / "lat", "stage.data.context=true", "parallel.precision=fp32",
+                                   "run.seed=3")).precompute
+    assert "--no-text" not in fp32.args and fp32.args[3:6] == ("--random", "--seed", "3")
+    assert fp32.args[fp32.args.index("--dtype") + 1] == "float32"
     assert stage_job(["stage=mini_test", f"stage.data.shards='{images}/00000.tar'"]).precompute is None
 
 
@@ -89,10 +91,10 @@ def test_the_script_runs_one_task_per_gpu_each_its_share(images, tmp_path):
     assert not job.missing() and "[launch] precompute exited 0" in proc.stdout
     parts = sorted(p.name for p in tmp_path.glob("lat.precompute-*-of-2.json"))
     assert parts == ["lat.precompute-0-of-2.json", "lat.precompute-1-of-2.json"]
-    # The trainer's VAE: random from run.seed, built the way the trainer builds it.
+    # The trainer's VAE: random from run.seed, built the way the trainer builds it; bf16 as the stage.
     vae, _ = load_models(None, arch="tiny", seed=0)
-    precompute_shards(images, tmp_path / "here", vae, config=PrecomputeConfig(resolution=RESOLUTION, text=False,
-                                                                             decode_workers=1), progress=False)
+    precompute_shards(images, tmp_path / "here", vae, progress=False, config=PrecomputeConfig(
+        resolution=RESOLUTION, text=False, decode_workers=1, dtype="bfloat16"))
     for name in ("00000.tar", "00002.tar"):
         made, here = (dict((k, s) for _, k, s in iter_shard_samples(str(tmp_path / d / name), {}))
                       for d in ("lat", "here"))
