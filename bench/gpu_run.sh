@@ -8,8 +8,9 @@
 # PHASES=all (or a list of names) adds the open questions' phases, in order (bench/RESULTS.md):
 #   attention: every attention call of the UNet at 256 and 512 (b32) under each SDPA kernel
 #      (bench/attention_step.py, seconds): is a pinned kernel (cuDNN for head dim 40?) faster than torch's choice;
-#   vae: the VAE encoder's forward alone at 256 and 512, bf16, NCHW and channels-last (bench/vae_encode.py,
-#      seconds): the planner prices precomputed latents at the UNet step's MFU; this is the encoder's own;
+#   vae: the VAE encoder's forward alone at 256 and 512, bf16 autocast and fp32, NCHW and channels-last
+#      (bench/vae_encode.py, seconds): the planner prices precomputed latents at the UNet step's MFU; this is
+#      the encoder's own, and bf16 / fp32 is what precompute's --dtype bfloat16 saves;
 #   trainer512: the trainer's own step (Trainer.optimizer_step: vote, fused AdamW skip, EMA, one-step-late read)
 #      at 512/b32 compiled + channels-last, DDP and FSDP2 (one rank), under
 #      torch.cuda.set_sync_debug_mode("error"): proves the step has no host sync, and gives trainer /
@@ -56,7 +57,7 @@ want table && $B --latent "$L512,$L256" --batch 8,32 --impl ours,diffusers --com
 want attention && python3 bench/attention_step.py --device "$DEV" --arch "$ARCH" --latent "$L256,$L512" --batch 32 \
     --dtype bf16 --out "$OUT/attention"
 want vae && python3 bench/vae_encode.py --device "$DEV" --arch "$ARCH" --resolution "$((L256 * 8)),$((L512 * 8))" \
-    --batch 32,64 --out "$OUT/vae"
+    --batch 32,64 --dtype bf16,fp32 --out "$OUT/vae"
 want trainer512 && python3 bench/trainer_step.py --device "$DEV" --arch "$ARCH" --latent "$L512" --batch 32 --compile \
     --channels-last --backend ddp,fsdp --steps 5 --warmup 3 --out "$OUT/trainer512"
 want profile512 && $B --latent "$L512" --batch 32 --impl ours,diffusers --compile yes --channels-last yes --profile \

@@ -4,7 +4,7 @@ training loop runs it): images/s, TFLOP/s and MFU per resolution and batch, eage
 The cost planner assumes the encoder runs at the UNet training step's MFU when it prices precomputed
 latents (tools/plan_cost.py); this measures the encoder's own.
 
-    python bench/vae_encode.py --device cuda --resolution 256,512 --batch 32,64
+    python bench/vae_encode.py --device cuda --resolution 256,512 --batch 32,64 --dtype bf16,fp32
     python bench/vae_encode.py --device cpu --arch tiny --resolution 64 --batch 2     # CPU dry run
 
 Writes vae_encode.{json,md} under --out.
@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--arch", choices=["tiny", "sd-v1"], default="sd-v1")
     p.add_argument("--resolution", default="256,512")
     p.add_argument("--batch", default="32,64")
-    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
+    p.add_argument("--dtype", default="bf16", help=f"comma list of {', '.join(DTYPES)} (precompute's --dtype "
+                   "bfloat16 / float32)")
     p.add_argument("--channels-last", choices=["no", "yes", "both"], default="both")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -85,17 +86,21 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     vae = AutoencoderKL(cfg).eval().requires_grad_(False)
     vae.decoder = None  # the encoder is all precompute runs; the decoder is half the weights
-    peak = peak_tflops(args.device, args.dtype)
+    dtypes = args.dtype.split(",")
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown:
+        p.error(f"--dtype {args.dtype}: choose from {', '.join(DTYPES)}")
+    peaks = {d: peak_tflops(args.device, d) for d in dtypes}  # each row's MFU against its own dtype's peak
     name = (torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()} threads")
-    name += f", torch {torch.__version__}, peak {peak} TFLOP/s"
+    name += f", torch {torch.__version__}, peak " + ", ".join(f"{d} {peaks[d]}" for d in dtypes) + " TFLOP/s"
     layouts = {"no": [False], "yes": [True], "both": [False, True]}[args.channels_last]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for res, batch, cl in itertools.product(map(int, args.resolution.split(",")), map(int, args.batch.split(",")),
-                                            layouts):
-        row = Row(res, batch, args.dtype, cl)
+    for res, batch, dtype, cl in itertools.product(map(int, args.resolution.split(",")),
+                                                   map(int, args.batch.split(",")), dtypes, layouts):
+        row = Row(res, batch, dtype, cl)
         try:
-            measure(row, vae, args.device, args.steps, args.warmup, peak)
+            measure(row, vae, args.device, args.steps, args.warmup, peaks[dtype])
         except torch.OutOfMemoryError:
             row.status = "OOM"
         finally:

@@ -117,10 +117,11 @@ def test_largest_micro_batch_is_read_off_a_line_through_the_peaks():
 
 def test_vae_encode_bench_reports_every_layout(tmp_path):
     proc = subprocess.run([sys.executable, "bench/vae_encode.py", "--device", "cpu", "--arch", "tiny", "--resolution",
-                           "64", "--batch", "2", "--dtype", "fp32", "--steps", "2", "--warmup", "1", "--out",
+                           "64", "--batch", "2", "--dtype", "fp32,bf16", "--steps", "2", "--warmup", "1", "--out",
                            str(tmp_path)], cwd=REPO, env=train_env(tmp_path), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "vae_encode.json").read_text())["rows"]
-    assert [r["channels_last"] for r in rows] == [False, True]
+    assert [(r["dtype"], r["channels_last"]) for r in rows] == [("fp32", False), ("fp32", True), ("bf16", False),
+                                                                 ("bf16", True)]
     assert all(r["status"] == "ok" and r["img_per_s"] > 0 and r["tflops"] > 0 for r in rows), rows
