@@ -55,6 +55,21 @@ def _local(url: str, setting: str) -> Path:
     return Path(url.removeprefix("file:")).expanduser().absolute()
 
 
+def _check_images(first: Path) -> None:
+    """The first image shard, where it is there already: latent shards named by mistake (a stage's
+    `shards` value pasted into `precompute_from`) fail here, not after the job's wait in the queue."""
+    from data.samples import WrongShardKind, check_shard_kind
+
+    if not first.is_file():
+        return  # not downloaded yet: precompute says which shard is missing when it runs
+    try:
+        check_shard_kind(str(first), latents=False, latent_size=None)
+    except WrongShardKind:
+        raise ConfigError(f"stage.data.precompute_from: {first} holds latents, not images: point it at the image "
+                          "shards the latents are made from (or, to train on these latents as they are, remove "
+                          "precompute_from and point stage.data.shards at them)") from None
+
+
 def precompute_job(cfg, cluster: ClusterConfig) -> PrecomputeJob | None:
     """The job that makes the stage's latent shards from `stage.data.precompute_from`, or None if unset.
     `cfg` is the typed config (train.config.TrainConfig), already validated."""
@@ -73,6 +88,7 @@ def precompute_job(cfg, cluster: ClusterConfig) -> PrecomputeJob | None:
         raise ConfigError(f"stage.data.shards ({len(latents)} shards, {latents[0].name}...) and "
                           f"stage.data.precompute_from ({len(images)}, {images[0].name}...) must list the same file "
                           "names in the same order: each latent shard is named after its image shard")
+    _check_images(images[0])
     if cfg.model.arch not in ARCHS:
         raise ConfigError(f"stage.data.precompute_from with model.arch={cfg.model.arch}: latent shards come from a "
                           f"VAE ({' or '.join(ARCHS)}); this arch has none")

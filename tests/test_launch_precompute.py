@@ -69,6 +69,15 @@ def test_settings_the_job_cannot_serve_are_refused(images, tmp_path, change, mes
         stage_job(_latent_stage(images, tmp_path / "lat", *change))
 
 
+def test_latent_shards_named_as_the_images_are_refused(images, tmp_path):
+    vae, _ = load_models(None, arch="tiny")
+    precompute_shards(images, tmp_path / "made", vae, config=PrecomputeConfig(resolution=RESOLUTION, text=False,
+                                                                             decode_workers=1), progress=False)
+    with pytest.raises(ConfigError, match="00000.tar holds latents, not images: point it at the image shards"):
+        stage_job(["stage=mini_test", f"stage.data.shards='{tmp_path}/lat/{{00000..00002}}.tar'",
+                   "stage.data.latents=true", f"stage.data.precompute_from='{tmp_path}/made/{{00000..00002}}.tar'"])
+
+
 def test_the_script_runs_one_task_per_gpu_each_its_share(images, tmp_path):
     """The rendered script under a stand-in srun that starts its tasks as Slurm would (SLURM_PROCID,
     SLURM_NTASKS, SLURM_LOCALID): together they write every latent shard, as one process would."""
