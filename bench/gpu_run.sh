@@ -10,7 +10,8 @@
 #      (bench/attention_step.py, seconds): is a pinned kernel (cuDNN for head dim 40?) faster than torch's choice;
 #   vae: the VAE encoder's forward alone at 256 and 512, bf16 autocast and fp32, NCHW and channels-last
 #      (bench/vae_encode.py, seconds): the planner prices precomputed latents at the UNet step's MFU; this is
-#      the encoder's own, and bf16 / fp32 is what precompute's --dtype bfloat16 saves;
+#      the encoder's own (give it as tools/plan_cost --vae-img-per-s), and bf16 / fp32 is what precompute's
+#      --dtype bfloat16 saves;
 #   trainer512: the trainer's own step (Trainer.optimizer_step: vote, fused AdamW skip, EMA, one-step-late read)
 #      at 512/b32 compiled + channels-last, DDP and FSDP2 (one rank), under
 #      torch.cuda.set_sync_debug_mode("error"): proves the step has no host sync, and gives trainer /

@@ -74,6 +74,27 @@ def test_vae_encoder_precomputed_and_in_the_loop_by_hand(sd_v1_plan):
     assert "training + VAE encoder as the stages run it: " in plan_cost.format_report(report)
     # Without a throughput only the image counts are known.
     assert plan_cost.plan_cost(sd_v1_plan, hw, None).vae_encoder[1].precompute_gpu_hours is None
+    assert {v.throughput for v in report.vae_encoder} == {"assumed"}
+
+
+def test_vae_encoder_at_its_measured_throughput(sd_v1_plan):
+    """bench/vae_encode.py's img/s replaces the UNet-MFU assumption where given; a precompute needs no
+    UNet throughput, the loop does (it shares the step)."""
+    hw = Hardware(gpu="A100", dtype="bf16", nodes=32, gpus_per_node=8, node_gbps=400.0)
+    report = plan_cost.plan_cost(sd_v1_plan, hw, {256: 137.5, 512: 36.3}, vae_img_per_s={512: 50.0})
+    v256, hires, aesthetics = report.vae_encoder
+    assert (v256.throughput, hires.throughput, aesthetics.throughput) == ("assumed", "measured", "measured")
+    assert hires.precompute_gpu_hours == pytest.approx(170e6 / 50.0 / 3600)
+    assert aesthetics.precompute_gpu_hours == pytest.approx(600e6 / 50.0 / 3600)
+    assert hires.loop_gpu_hours == pytest.approx(194_000 * 2048 / 50.0 / 3600)  # 512 px steps compute longer
+    assert v256.precompute_gpu_hours == plan_cost.plan_cost(sd_v1_plan, hw, {256: 137.5, 512: 36.3}).vae_encoder[
+        0].precompute_gpu_hours
+    text = plan_cost.format_report(report)
+    assert "the encoder's img/s measured at 512 px (--vae-img-per-s), assumed at the UNet step's MFU elsewhere" in text
+    alone = plan_cost.plan_cost(sd_v1_plan, hw, None, vae_img_per_s={512: 50.0}).vae_encoder[1]
+    assert alone.precompute_gpu_hours == pytest.approx(hires.precompute_gpu_hours) and alone.loop_gpu_hours is None
+    with pytest.raises(plan_cost.PlanError, match="--vae-img-per-s item '512': write RESOLUTION"):
+        plan_cost.parse_img_per_s("512", "--vae-img-per-s")
 
 
 def test_gpu_hours_on_a_small_plan_by_hand():

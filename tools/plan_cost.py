@@ -245,7 +245,7 @@ def parse_plan(text: str) -> list[Stage]:
     return stages
 
 
-def parse_img_per_s(text: str) -> dict[int, float]:
+def parse_img_per_s(text: str, flag: str = "--img-per-s") -> dict[int, float]:
     """`256=137.5,512=36.3` -> {256: 137.5, 512: 36.3}."""
     out: dict[int, float] = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
@@ -255,9 +255,9 @@ def parse_img_per_s(text: str) -> dict[int, float]:
                 raise ValueError
             out[int(res)] = float(value)
         except ValueError as err:
-            raise PlanError(f"--img-per-s item {item!r}: write RESOLUTION=IMAGES_PER_S, e.g. 256=137.5") from err
+            raise PlanError(f"{flag} item {item!r}: write RESOLUTION=IMAGES_PER_S, e.g. 256=137.5") from err
         if not out[int(res)] > 0:
-            raise PlanError(f"--img-per-s item {item!r}: the throughput must be positive")
+            raise PlanError(f"{flag} item {item!r}: the throughput must be positive")
     return out
 
 
@@ -300,8 +300,11 @@ def budget_check(costs: Sequence[StageCost], budget_gpu_hours: float, hw: Hardwa
 
 def plan_cost(stages: Sequence[Stage], hw: Hardware, img_per_s: dict[int, float] | None,
               budget_gpu_hours: float = DEFAULT_BUDGET_GPU_HOURS, flops_model: FlopsModel = FlopsModel(),
-              throughput_source: str | None = None) -> CostReport:
-    """Cost of every stage and the total; `img_per_s` None = budget-only (what throughput is needed)."""
+              throughput_source: str | None = None,
+              vae_img_per_s: dict[int, float] | None = None) -> CostReport:
+    """Cost of every stage and the total; `img_per_s` None = budget-only (what throughput is needed).
+    `vae_img_per_s`: the VAE encoder's measured forward img/s per GPU by resolution (else assumed at the
+    UNet step's MFU)."""
     if not stages:
         raise PlanError("the plan has no stages")
     if hw.nodes < 1 or hw.gpus_per_node < 1:
@@ -321,7 +324,7 @@ def plan_cost(stages: Sequence[Stage], hw: Hardware, img_per_s: dict[int, float]
     costs = [stage_cost(s, flops_model.per_image(s.resolution),
                         None if img_per_s is None else img_per_s[s.resolution], hw) for s in stages]
     total_hours = _total(c.gpu_hours for c in costs)
-    vae_encoder = vae_encoder_costs(stages, costs, flops_model, hw)
+    vae_encoder = vae_encoder_costs(stages, costs, flops_model, hw, vae_img_per_s)
     return CostReport(
         hardware=hw, peak_tflops=peak, flops_model=flops_model, throughput_source=throughput_source, stages=costs,
         by_resolution=by_resolution(costs), total_images=sum(c.images for c in costs),
@@ -405,8 +408,12 @@ def _vae_encoder_lines(r: CostReport) -> list[str]:
         lines.append(f"{v.dataset:<26} {v.resolution:>4} {','.join(v.stages):<12} {_count(v.samples):>9} "
                      f"{_count(v.images):>9} {v.flops_per_image / 1e9:>9,.1f} {_hours(v.precompute_gpu_hours):>12} "
                      f"{_hours(v.loop_gpu_hours):>10}  {'precomputed' if v.precomputed else 'in the loop'}")
-    lines.append("images: the samples drawn, or a subset's row count where smaller (data/stages.py); the encoder "
-                 "assumed at the UNet step's MFU; in the loop it costs nothing while a step waits for the network")
+    measured = sorted({v.resolution for v in r.vae_encoder if v.throughput == "measured"})
+    speed = (f"the encoder's img/s measured at {', '.join(map(str, measured))} px (--vae-img-per-s)"
+             + (", assumed at the UNet step's MFU elsewhere" if len(measured) < len(r.vae_encoder) else "")
+             if measured else "the encoder assumed at the UNet step's MFU (--vae-img-per-s to give it)")
+    lines.append("images: the samples drawn, or a subset's row count where smaller (data/stages.py); " + speed
+                 + "; in the loop it costs nothing while a step waits for the network")
     if r.total_gpu_hours is not None and r.vae_encoder_gpu_hours is not None:
         all_pre = _total(v.precompute_gpu_hours for v in r.vae_encoder)
         all_loop = _total(v.loop_gpu_hours for v in r.vae_encoder)
@@ -530,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latents are not precomputed: count the VAE encoder's forward for every image")
     p.add_argument("--text-online", action="store_true",
                    help="text embeddings are not precomputed: count the CLIP text encoder's forward")
+    p.add_argument("--vae-img-per-s", help="the VAE encoder's forward img/s per GPU by resolution, as "
+                   "bench/vae_encode.py measures it at precompute's batch and dtype (e.g. 512=60); default: "
+                   "assumed at the UNet step's MFU")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
@@ -548,7 +558,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stages = parse_plan(args.plan) if args.plan else stages_from_configs(
             [s.strip() for s in args.stages.split(",") if s.strip()])
         report = plan_cost(stages, hw, img_per_s, args.budget_gpu_hours,
-                           FlopsModel(vae_encode=args.vae_online, text_encode=args.text_online), source)
+                           FlopsModel(vae_encode=args.vae_online, text_encode=args.text_online), source,
+                           vae_img_per_s=parse_img_per_s(args.vae_img_per_s, "--vae-img-per-s") if args.vae_img_per_s else None)
     except PlanError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

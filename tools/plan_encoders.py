@@ -17,7 +17,8 @@ if TYPE_CHECKING:  # plan_cost imports this module
 class VaeEncoderCost:
     """The frozen VAE encoder for one dataset at one resolution, both ways: precomputed (`python -m data
     precompute`: one forward per distinct image, before training) or in the training loop (one per
-    sample). Hours assume the encoder runs at the UNet step's compute MFU."""
+    sample). Hours take the encoder's measured img/s where given, else assume it runs at the UNet step's
+    compute MFU."""
 
     dataset: str  # a data/stages.py subset, or "<stage>'s shards"
     resolution: int
@@ -26,6 +27,9 @@ class VaeEncoderCost:
     samples: int  # training samples drawn from it: what the loop encodes
     images: int  # what a precompute encodes: the samples drawn, or fewer where the subset has fewer rows
     flops_per_image: float
+    # Where its seconds per image come from: "measured" (--vae-img-per-s, bench/vae_encode.py) or
+    # "assumed" (the UNet step's MFU).
+    throughput: str
     precompute_gpu_hours: float | None  # None: no throughput given
     # What the encoder adds to the training steps: nothing where a step waits for the network anyway
     # (the encoder's time hides in the wait), its full time where the step computes longer.
@@ -54,11 +58,12 @@ def text_encode_flops_per_caption() -> float:
 
 
 def vae_encoder_costs(stages: Sequence[Stage], costs: Sequence[StageCost], flops_model: FlopsModel,
-                      hw: Hardware) -> list[VaeEncoderCost]:
+                      hw: Hardware, encoder_img_per_s: dict[int, float] | None = None) -> list[VaeEncoderCost]:
     """The VAE encoder's cost per dataset, precomputed and in the loop, for the stages whose FLOPs leave
     it out (all of them unless --vae-online). Stages on one subset at one resolution share a precompute
     (v1-2 and v1-3), and a subset with fewer rows than the samples drawn bounds it (v1-1_512 draws 397M
-    samples from laion-high-resolution's ~170M rows)."""
+    samples from laion-high-resolution's ~170M rows). `encoder_img_per_s` (resolution -> the encoder's
+    forward img/s per GPU, bench/vae_encode.py) replaces the assumption that it runs at the UNet's MFU."""
     from data.stages import STAGES
 
     if flops_model.vae_encode:
@@ -74,17 +79,23 @@ def vae_encoder_costs(stages: Sequence[Stage], costs: Sequence[StageCost], flops
         max_rows = STAGES[label].max_rows if label in STAGES else None
         images = samples if max_rows is None else min(samples, max_rows)
         per_image = vae_encode_flops_per_image(resolution)
-        precompute_hours = loop_hours = None
-        if all(c.img_per_s_per_gpu for _, c in members):
+        unet_known = all(c.img_per_s_per_gpu for _, c in members)
+        encoder_s = None
+        if encoder_img_per_s and resolution in encoder_img_per_s:
+            encoder_s = 1.0 / encoder_img_per_s[resolution]
+        elif unet_known:
             # The encoder at the UNet step's compute MFU: its seconds per image are the step's, scaled by
             # the FLOP ratio. Stages at one resolution share a throughput.
             encoder_s = per_image / (members[0][1].img_per_s_per_gpu * members[0][1].flops_per_image)
-            precompute_hours = images * encoder_s / 3600.0
-            loop_hours = sum(_loop_encoder_gpu_hours(c, encoder_s, hw) for _, c in members)
+        precompute_hours = None if encoder_s is None else images * encoder_s / 3600.0
+        # In the loop it shares the step with the UNet: that needs the UNet's time too.
+        loop_hours = (sum(_loop_encoder_gpu_hours(c, encoder_s, hw) for _, c in members)
+                      if encoder_s is not None and unet_known else None)
+        measured = bool(encoder_img_per_s and resolution in encoder_img_per_s)
         out.append(VaeEncoderCost(
             dataset=label, resolution=resolution, stages=tuple(s.name for s, _ in members), precomputed=precomputed,
-            samples=samples, images=images, flops_per_image=per_image, precompute_gpu_hours=precompute_hours,
-            loop_gpu_hours=loop_hours))
+            samples=samples, images=images, flops_per_image=per_image, throughput="measured" if measured else "assumed",
+            precompute_gpu_hours=precompute_hours, loop_gpu_hours=loop_hours))
     return out
 
 
