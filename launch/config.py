@@ -15,8 +15,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
-from train import main as train_main  # importing it registers the schema ("train_schema") with Hydra
 from launch.precompute import PrecomputeJob, precompute_job
+from train import main as train_main  # importing it registers the schema ("train_schema") with Hydra
 from train.config import ClusterConfig, ConfigError, validate
 
 REPO = Path(__file__).resolve().parents[1]
