@@ -89,7 +89,7 @@ def _run(script: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
 def test_directives_of_the_local_cluster():
     job = _job()
     lines = directives(job)
-    assert f"--nodes=2" in lines and "--ntasks-per-node=1" in lines and "--cpus-per-task=2" in lines
+    assert "--nodes=2" in lines and "--ntasks-per-node=1" in lines and "--cpus-per-task=2" in lines
     assert "--requeue" in lines and "--signal=B:USR1@60" in lines and "--time=01:00:00" in lines
     assert f"--output={job.run_dir}/slurm/%j.out" in lines and "--open-mode=append" in lines
     assert f"--chdir={REPO}" in lines and "--job-name=sd-repro.mini_test" in lines

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from launch.config import REQUEUE_MARGIN_S, stage_job
-from launch.torchrun import HANDLED_SIGNALS, Shell, shell_join, torchrun_argv, worker_env
+from launch.torchrun import Shell, shell_join, torchrun_argv, worker_env
 from slurm_cluster import (JOB_TIMEOUT_S, REPO, assert_same_weights, job_env, launch, read_status, reference_run,
                            shards, unet_weights, wait_for)
 
