@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.unet_step import Result, measure, time_steps, write_report  # noqa: E402
+from bench.unet_step import Result, measure, oom_marks, time_steps, write_report  # noqa: E402
 from train.flops import peak_tflops, unet_train_flops_per_image  # noqa: E402
 
 
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     for backend, batch in itertools.product(args.backend.split(","), map(int, args.batch.split(","))):
         res = TrainerResult("trainer", args.arch, args.latent, batch, args.dtype, args.compile, args.channels_last,
                             args.ac, backend=backend)
-        try:
+        with oom_marks(res, args.device):
             with one_rank_group(backend, args.device):
                 measure_trainer(res, args, flops, peak)
             if batch not in bare:
@@ -178,11 +178,6 @@ def main(argv=None) -> int:
                                              args.channels_last, args.ac),
                                       cfg, args.device, args.steps, args.warmup, flops, peak).img_per_s
             res.bare_img_per_s = bare[batch]
-        except torch.OutOfMemoryError:
-            res.status = "OOM"
-        finally:
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
         rows.append(res)
         print(json.dumps(asdict(res)), flush=True)
     lines = ["| backend | latent | batch | dtype | compile | ch-last | AC | ms/step | img/s | MFU | peak GiB | read wait ms "

@@ -80,6 +80,19 @@ def write_report(out: Path, stem: str, md: str, device: str, rows: list, **extra
                                                  indent=1))
 
 
+@contextlib.contextmanager
+def oom_marks(row: StepRates, device: str):
+    """A configuration that runs out of memory is a row with status "OOM", not the end of the run; the
+    cache is emptied after every row so the next starts from what is really free."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        row.status = "OOM"
+    finally:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
 def time_steps(step, steps: int, warmup: int, device: str, warmup_step=None) -> float:
     """Seconds per step over `steps` calls of `step`, after `warmup` calls of `warmup_step` (default:
     `step`); the device is synchronised around the timed calls and its peak memory counter reset first."""

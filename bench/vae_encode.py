@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.unet_step import StepRates, time_steps, write_report  # noqa: E402
+from bench.unet_step import StepRates, oom_marks, time_steps, write_report  # noqa: E402
 from models import configs  # noqa: E402
 from models.vae import AutoencoderKL  # noqa: E402
 from train.flops import peak_tflops, vae_encode_flops_per_image  # noqa: E402
@@ -99,13 +99,8 @@ def main(argv=None) -> int:
     for res, batch, dtype, cl in itertools.product(map(int, args.resolution.split(",")),
                                                    map(int, args.batch.split(",")), dtypes, layouts):
         row = Row(res, batch, dtype, cl)
-        try:
+        with oom_marks(row, args.device):
             measure(row, vae, args.device, args.steps, args.warmup, peaks[dtype])
-        except torch.OutOfMemoryError:
-            row.status = "OOM"
-        finally:
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
         rows.append(row)
         print(to_markdown([row], name).splitlines()[-1], flush=True)
     md = to_markdown(rows, name)

@@ -179,6 +179,9 @@ class _Encoder:
         self.config = config
         self.device = torch.device(config.device)
         dtype = DTYPES[config.dtype]
+        # Weights stay float32 whatever the dtype: bfloat16 is autocast, as in the training loop.
+        self.autocast = (torch.autocast(self.device.type, dtype=dtype) if dtype != torch.float32
+                         else contextlib.nullcontext())
         self.vae = vae.to(self.device).eval()
         self.text_encoder = self.tokenizer = self.uncond = None
         if config.text:
@@ -191,21 +194,17 @@ class _Encoder:
                                  f"(CLIP ViT-L/14) but this text encoder gives [{context_length}, {width}]; "
                                  "precompute latents only (text=False / --no-text) or use the SD v1 text encoder")
             self.text_encoder, self.tokenizer = text_encoder.to(self.device).eval(), tokenizer
-        # A fresh context manager per call: torch.autocast objects are not re-entrant.
-        self.autocast = ((lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype != torch.float32
-                         else contextlib.nullcontext)
-        if config.text:
             self.uncond = self.encode_text([""])[0]
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         ids = self.tokenizer(captions, context_length=self.text_encoder.cfg.max_position_embeddings)
-        with self.autocast():
+        with self.autocast:
             return self.text_encoder(ids.to(self.device)).float().cpu()
 
     @torch.no_grad()
     def encode_images(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        with self.autocast():
+        with self.autocast:
             posterior = self.vae.encode(to_pixels(images).to(self.device))
         return posterior.mean.float().cpu(), posterior.std.float().cpu()
 

@@ -107,10 +107,9 @@ def precompute_job(cfg, cluster: ClusterConfig) -> PrecomputeJob | None:
             "--resolution", str(data.resolution), "--dtype", dtype, "--no-progress"]
     if not data.context:
         args.append("--no-text")  # the trainer encodes captions in its loop
-    job = PrecomputeJob(name=f"{cfg.run.name}.precompute.{out_dir.name}", stage=f"{cfg.stage.name}/precompute",
-                        run_dir=out_dir / PRECOMPUTE_DIR, cluster=cluster, out_dir=out_dir, latents=tuple(latents),
-                        args=tuple(args))
-    return job
+    return PrecomputeJob(name=f"{cfg.run.name}.precompute.{out_dir.name}", stage=f"{cfg.stage.name}/precompute",
+                         run_dir=out_dir / PRECOMPUTE_DIR, cluster=cluster, out_dir=out_dir, latents=tuple(latents),
+                         args=tuple(args))
 
 
 def precompute_argv(job: PrecomputeJob, *, python: str, part: str = "env") -> list[str]:

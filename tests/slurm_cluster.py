@@ -68,6 +68,17 @@ def launch(args: list[str], env: dict[str, str], timeout_s: float = 120) -> subp
     return proc
 
 
+def recording_submitter():
+    """A stand-in for `slurm.submit` in launch.chain.execute: records (stage, dependency) and hands out
+    job ids 101, 102, ..."""
+    submitted = []
+
+    def submit(job, after):
+        submitted.append((job.stage, after))
+        return str(100 + len(submitted))
+    return submit, submitted
+
+
 def mini_overrides(shards: str, run_dir: Path | None = None) -> list[str]:
     """The mini run on 2 nodes x 1 process (fp32: results are compared bitwise)."""
     ov = [shards, "parallel.precision=fp32", "cluster.nodes=2", "cluster.gpus_per_node=1",

@@ -10,7 +10,7 @@ import pytest
 from launch.chain import (DEFAULT_STAGES, Decision, StageSpec, compose_chain, execute, parse_stages, plan,
                           split_overrides)
 from launch.config import ConfigError
-from slurm_cluster import job_env, launch
+from slurm_cluster import job_env, launch, recording_submitter
 
 SHARDS = "stage.data.shards='/data/{00000..00003}.tar'"
 MINI = "a=mini_test,b=mini_test,c=mini_test"
@@ -65,18 +65,9 @@ def _jobs(tmp_path):
     return compose_chain(parse_stages(MINI), [SHARDS, f"run.root={tmp_path}"])
 
 
-def _submitter():
-    submitted = []
-
-    def submit(job, after):
-        submitted.append((job.stage, after))
-        return str(100 + len(submitted))
-    return submit, submitted
-
-
 def test_a_fresh_chain_is_submitted_in_order_with_afterok(tmp_path):
     decisions = plan(_jobs(tmp_path), status_of=lambda d: None, active_of=lambda d: None)
-    submit, submitted = _submitter()
+    submit, submitted = recording_submitter()
     execute(decisions, submit)
     assert submitted == [("a", None), ("b", "101"), ("c", "102")]
     assert [(d.action, d.job_id, d.after) for d in decisions] == [
@@ -89,7 +80,7 @@ def test_resubmitting_skips_finished_stages_and_waits_for_queued_ones(tmp_path):
     queued = {jobs[1].run_dir: "57"}
     decisions = plan(jobs, status_of=lambda d: {"state": "finished"} if d in finished else {"state": "preempted"},
                      active_of=queued.get)
-    submit, submitted = _submitter()
+    submit, submitted = recording_submitter()
     execute(decisions, submit)
     assert [d.action for d in decisions] == ["finished", "queued", "submit"]
     assert submitted == [("c", "57")]  # b is already in Slurm: not submitted twice, c waits for it
@@ -99,7 +90,7 @@ def test_after_a_finished_stage_the_next_waits_for_nothing(tmp_path):
     jobs = _jobs(tmp_path)
     decisions = plan(jobs, status_of=lambda d: {"state": "finished"} if d == jobs[0].run_dir else None,
                      active_of=lambda d: None)
-    submit, submitted = _submitter()
+    submit, submitted = recording_submitter()
     execute(decisions, submit)
     assert submitted == [("b", None), ("c", "101")]
 
@@ -113,7 +104,7 @@ def test_a_finished_stage_after_an_unfinished_one_is_refused(tmp_path):
 
 def test_everything_finished_submits_nothing(tmp_path):
     decisions = plan(_jobs(tmp_path), status_of=lambda d: {"state": "finished"}, active_of=lambda d: None)
-    submit, submitted = _submitter()
+    submit, submitted = recording_submitter()
     execute(decisions, submit)
     assert submitted == [] and all(isinstance(d, Decision) and d.action == "finished" for d in decisions)
 

@@ -22,7 +22,7 @@ from launch.config import ConfigError, stage_job
 from launch.precompute import PRECOMPUTE_DIR
 from launch.sbatch import render_precompute
 from launch.status import stage_rows
-from slurm_cluster import REPO, job_env
+from slurm_cluster import REPO, job_env, recording_submitter
 
 RESOLUTION = 64
 
@@ -123,21 +123,12 @@ def _chain(images, tmp_path, *extra):
                           *scoped, *extra])
 
 
-def _submitter():
-    submitted = []
-
-    def submit(job, after):
-        submitted.append((job.stage, after))
-        return str(100 + len(submitted))
-    return submit, submitted
-
-
 def test_one_job_per_latent_folder_and_the_stages_wait_for_it(images, tmp_path):
     jobs = _chain(images, tmp_path)
     decisions = plan(jobs, status_of=lambda d: None, active_of=lambda d: None)
     precompute = plan_precompute(decisions, active_of=lambda d: None)
     assert [(d.job.stage, d.action) for d in precompute] == [("b/precompute", "submit")]
-    submit, submitted = _submitter()
+    submit, submitted = recording_submitter()
     execute(decisions, submit, precompute)
     assert submitted == [("b/precompute", None), ("a", None), ("b", "102:101"), ("c", "103:101")]
 
@@ -148,7 +139,7 @@ def test_made_latents_or_a_queued_job_are_not_submitted_again(images, tmp_path):
     decisions = plan(jobs, status_of=lambda d: None, active_of=lambda d: None)
     queued = plan_precompute(decisions, active_of={pre.run_dir: "55"}.get)
     assert [(d.action, d.job_id) for d in queued] == [("queued", "55")]
-    submit, submitted = _submitter()
+    submit, submitted = recording_submitter()
     execute(decisions, submit, queued)
     assert submitted == [("a", None), ("b", "101:55"), ("c", "102:55")]
 
@@ -159,7 +150,7 @@ def test_made_latents_or_a_queued_job_are_not_submitted_again(images, tmp_path):
     assert [d.action for d in made] == ["finished"]
     decisions = plan(jobs, status_of=lambda d: {"state": "finished"} if d == jobs[0].run_dir else None,
                      active_of=lambda d: None)
-    submit, submitted = _submitter()
+    submit, submitted = recording_submitter()
     execute(decisions, submit, plan_precompute(decisions, active_of=lambda d: None))
     assert submitted == [("b", None), ("c", "101")]
 
