@@ -112,11 +112,11 @@ def precompute_job(cfg, cluster: ClusterConfig) -> PrecomputeJob | None:
                          args=tuple(args))
 
 
-def precompute_argv(job: PrecomputeJob, *, python: str, part: str = "env") -> list[str]:
-    """One task's command: `[exec_prefix] python -m data precompute ... --device ... --part ...`."""
-    device = "cuda" if job.cluster.device == "cuda" else "cpu"  # "cuda": the task's own GPU (LOCAL_RANK/SLURM_LOCALID)
-    return [*job.cluster.exec_prefix, python, "-m", "data", "precompute", *job.args, "--device", device,
-            "--decode-workers", str(job.cpus_per_task), "--part", part]
+def precompute_argv(job: PrecomputeJob, *, python: str) -> list[str]:
+    """One task's command, `[exec_prefix] python -m data precompute ...`: under torchrun or srun, `--part env`
+    is the task's share and `--device cuda` its own GPU (LOCAL_RANK / SLURM_LOCALID)."""
+    return [*job.cluster.exec_prefix, python, "-m", "data", "precompute", *job.args, "--device", job.cluster.device,
+            "--decode-workers", str(job.cpus_per_task), "--part", "env"]
 
 
 def same_work(a: PrecomputeJob, b: PrecomputeJob) -> None:

@@ -17,12 +17,17 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
 
+from data.latent_format import decode_latent
+from data.precompute import PrecomputeConfig, precompute_shards
+from data.shard_io import iter_shard_samples
 from data.synth import write_synthetic_shards
 from train_helpers import free_port
 
@@ -66,6 +71,21 @@ def launch(args: list[str], env: dict[str, str], timeout_s: float = 120) -> subp
                           text=True, timeout=timeout_s)
     assert proc.returncode == 0, f"python -m launch {' '.join(args)}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc
+
+
+def assert_latents_of(vae, images: str | Path, latents: Path, names: Sequence[str], scratch: Path,
+                      dtype: str = "float32", resolution: int = 64) -> None:
+    """The latent shards `names` in `latents` are what `vae` makes of the image shards at `dtype`:
+    float16 storage, so one ulp apart at most (another VAE would be off by O(1))."""
+    precompute_shards(images, scratch, vae, progress=False, config=PrecomputeConfig(
+        resolution=resolution, text=False, decode_workers=1, dtype=dtype))
+    for name in names:
+        made, here = ({k: s["latent.npy"] for _, k, s in iter_shard_samples(str(d / name), Counter())}
+                      for d in (latents, scratch))
+        assert made.keys() == here.keys()
+        for key in made:
+            torch.testing.assert_close(decode_latent(made[key], resolution // 8),
+                                       decode_latent(here[key], resolution // 8), atol=1e-3, rtol=1e-3)
 
 
 def recording_submitter():

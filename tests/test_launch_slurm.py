@@ -8,17 +8,12 @@ Each test runs one or two ~40 s jobs, one at a time (the cluster has two nodes, 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
-import torch
+from data.precompute import load_models
 
-from data.latent_format import decode_latent
-from data.precompute import PrecomputeConfig, load_models, precompute_shards
-from data.shard_io import iter_shard_samples
-
-from slurm_cluster import (JOB_TIMEOUT_S, SlurmCluster, assert_same_weights, job_env, launch, mini_overrides,
-                           read_status, reference_run, shards, slurm_cluster, unet_weights, wait_for)
+from slurm_cluster import (JOB_TIMEOUT_S, SlurmCluster, assert_latents_of, assert_same_weights, job_env, launch,
+                           mini_overrides, read_status, reference_run, shards, slurm_cluster, unet_weights, wait_for)
 
 __all__ = ["reference_run", "shards", "slurm_cluster"]  # fixtures, imported for pytest
 
@@ -31,19 +26,6 @@ def _log(run_dir: Path, job_id: str) -> str:
 def _submit(cluster: SlurmCluster, run_dir: Path, shards: str, tmp: Path) -> str:
     launch(["slurm", "stage=mini_test", *mini_overrides(shards, run_dir)], job_env(tmp, SLURM_CONF=cluster.conf))
     return json.loads((run_dir / "slurm" / "launch.json").read_text())["job_id"]
-
-
-def _assert_latents_of(checkpoint: Path, images: str, latents: Path, scratch: Path) -> None:
-    """The latent shards are what the checkpoint's VAE makes of the images (float16 storage: one ulp)."""
-    vae, _ = load_models(checkpoint, arch="tiny")
-    precompute_shards(images, scratch, vae, config=PrecomputeConfig(resolution=64, text=False, decode_workers=1),
-                      progress=False)
-    for name in ("00000.tar", "00003.tar"):
-        made, here = ({k: s["latent.npy"] for _, k, s in iter_shard_samples(str(d / name), Counter())}
-                      for d in (latents, scratch))
-        assert made.keys() == here.keys()
-        for key in made:
-            torch.testing.assert_close(decode_latent(made[key], 8), decode_latent(here[key], 8), atol=1e-3, rtol=1e-3)
 
 
 def _status_is(run_dir: Path, state: str):
@@ -141,7 +123,8 @@ def test_two_stage_chain_starts_the_second_stage_from_the_first(slurm_cluster, s
     jobs = [slurm_cluster.job(r["job_id"]) for r in ids]
     assert jobs[1]["StartTime"] >= max(jobs[0]["EndTime"], jobs[2]["EndTime"]), jobs  # ISO times compare as strings
     assert_same_weights(unet_weights(second), unet_weights(first))
-    _assert_latents_of(first / "export" / "model.ckpt", images, latents, tmp_path / "here")
+    assert_latents_of(load_models(first / "export" / "model.ckpt", arch="tiny")[0], images, latents,
+                      ["00000.tar", "00003.tar"], tmp_path / "here")
 
     # Submitting the chain again submits nothing: both stages are finished.
     again = launch(args, env)
