@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .inputs import expand_inputs
 from .stages import SubsetFilter
 
 REPORT_NAME = "filter_report.json"
@@ -169,20 +170,8 @@ class _ShardedWriter:
 
 
 def list_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """A parquet file, a folder of them, or a list of either."""
-    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    files: list[Path] = []
-    for item in map(Path, items):
-        if item.is_dir():
-            found = sorted(item.glob("*.parquet"))
-            if not found:
-                raise FileNotFoundError(f"{item}: no *.parquet files in this folder")
-            files += found
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise FileNotFoundError(f"{item}: no such parquet file or folder")
-    return files
+    """A parquet file, a folder of them, a brace pattern, or a list of these."""
+    return expand_inputs(inputs, ".parquet", "parquet file")
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .inputs import expand_inputs
 from .latent_format import CONTEXT_SHAPE, LATENT_CHANNELS, LatentShardWriter
 from .samples import IMAGE_EXTS
 from .shard_io import iter_shard_samples
@@ -99,22 +100,8 @@ class PrecomputeReport:
 
 
 def list_shards(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Shard files from paths, folders (their *.tar) and brace patterns ("/data/{00000..00099}.tar", the
-    form `stage.data.shards` takes; quoted on a command line, the shell leaves the expanding to us)."""
-    from braceexpand import braceexpand
-
-    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    shards: list[Path] = []
-    for item in (Path(p) for i in items for p in braceexpand(str(i))):
-        if item.is_dir():
-            found = sorted(item.glob("*.tar"))
-            if not found:
-                raise FileNotFoundError(f"{item}: no *.tar shards in this folder")
-            shards += found
-        elif item.is_file():
-            shards.append(item)
-        else:
-            raise FileNotFoundError(f"{item}: no such shard or folder")
+    """Shard files from paths, folders (their *.tar) and brace patterns (data/inputs.py)."""
+    shards = expand_inputs(inputs, ".tar", "shard")
     names = [s.name for s in shards]
     if len(set(names)) != len(names):
         raise ValueError("input shards share file names; outputs are named after inputs, so give one folder per run")
