@@ -81,14 +81,17 @@ def compose_train_config(*overrides: str):
     return to_dataclass(_compose(overrides))
 
 
-def in_process_trainer(tmp_path: Path, shards: str, *overrides: str):
-    """The real Trainer in this process on one CPU rank (global batch 4, no loader workers)."""
+def in_process_trainer(tmp_path: Path, shards: str, *overrides: str, env=None):
+    """The real Trainer in this process: on one CPU rank (global batch 4, no loader workers), or as one rank
+    of `env` (train.distributed.DistEnv; the global batch then 4 per rank)."""
     from omegaconf import OmegaConf
 
     from train.distributed import DistEnv
     from train.main import to_dataclass
     from train.trainer import Trainer
 
-    cfg = _compose([f"stage.data.shards='{shards}'", f"run.dir={tmp_path / 'run'}", *overrides])
-    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    env = env or DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    cfg = _compose([f"stage.data.shards='{shards}'", f"run.dir={tmp_path / 'run'}",
+                    f"cluster.gpus_per_node={env.world_size}", f"stage.global_batch={4 * env.world_size}",
+                    *overrides])
     return Trainer(to_dataclass(cfg), env, OmegaConf.to_container(cfg, resolve=True))

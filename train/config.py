@@ -157,6 +157,9 @@ class TrackingConfig:
     entity: Optional[str] = None
     log_every: int = 10
     sample_every: int = 0
+    # The weights the grids are drawn with: "ema" (what the stage exports and CompVis' image logger drew
+    # with) or "raw" (the optimiser's current weights).
+    sample_weights: str = "ema"
     sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square"])
     progress_bar: bool = True
 
@@ -301,6 +304,11 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
                           "saving leaves a loadable one")
     if cfg.tracking.wandb_mode not in ("online", "offline", "disabled"):
         raise ConfigError(f"tracking.wandb_mode={cfg.tracking.wandb_mode!r}: choose online, offline or disabled")
+    if cfg.tracking.sample_weights not in ("ema", "raw"):
+        raise ConfigError(f"tracking.sample_weights={cfg.tracking.sample_weights!r}: choose ema or raw")
+    if cfg.tracking.sample_every and cfg.tracking.sample_weights == "ema" and not cfg.ema.enabled:
+        raise ConfigError("tracking.sample_every draws grids with the EMA weights (tracking.sample_weights=ema), "
+                          "but ema.enabled=false: set tracking.sample_weights=raw, or enable the EMA")
     expected = cfg.cluster.nodes * cfg.cluster.gpus_per_node
     if world_size != expected:
         raise ConfigError(f"{world_size} processes are running but cluster={cfg.cluster.name} says "

@@ -48,6 +48,24 @@ class EMA:
         # host); weight 0 leaves s bit-identical.
         torch._foreach_lerp_(shadows, current, [weight] * len(shadows))
 
+    @torch.no_grad()
+    def copy_to(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Writes the average into `params` (this rank's tensors, as `update` takes them; cast to their
+        dtype) and returns what they held, for `restore`. Costs one copy of this rank's weights."""
+        saved = {}
+        for name, shadow in self.shadow.items():
+            target = _local(params[name])
+            saved[name] = target.clone()
+            target.copy_(shadow)
+        return saved
+
+    @staticmethod
+    @torch.no_grad()
+    def restore(params: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
+        """Puts back, bit for bit, what `copy_to` took out."""
+        for name, value in saved.items():
+            _local(params[name]).copy_(value)
+
     def state_dict(self) -> dict:
         return {"num_updates": self.num_updates, "max_decay": self.max_decay, "shadow": self.shadow}
 

@@ -249,10 +249,28 @@ class Trainer:
         progress.log(step, loss=state.last_loss, lr=lr, img_per_s=metrics.get("throughput/img_per_s"))
         self._status("running")
 
+    @contextlib.contextmanager
+    def _weights_for_samples(self):
+        """The UNet holds the weights a sample grid is drawn with (tracking.sample_weights) while inside;
+        after, the raw weights again, bit for bit. Yields their description."""
+        step = self.state.step
+        if self.cfg.tracking.sample_weights == "raw":
+            yield f"raw weights at step {step}"
+            return
+        # named_trainable() inside weights_edited(): FSDP2 registers its unsharded tensors between a forward
+        # pass and its reshard, and the edit must reach the shards.
+        with self.engine.weights_edited():
+            saved = self.ema.copy_to(self.engine.named_trainable())
+        try:
+            yield f"EMA weights at step {step}"
+        finally:
+            with self.engine.weights_edited():
+                self.ema.restore(self.engine.named_trainable(), saved)
+
     @torch.no_grad()
     def _log_samples(self, steps: int = 20, scale: float = 3.0) -> None:
         """A grid from the fixed prompts (tools/sample.py: DDIM, classifier-free guidance with CLIP(""),
-        seeds 0..n-1) with the current raw weights, in the training precision.
+        seeds 0..n-1) with the EMA or the raw weights, in the training precision.
 
         Every rank runs it: under FSDP2 and ZeRO-3 the forward pass is collective."""
         from tools.sample import SamplingConfig, SamplingModels, decode, sample_latents
@@ -261,12 +279,14 @@ class Trainer:
         res = self.cfg.stage.data.resolution
         # precision "full": no fp16 autocast of its own; the engine's (bf16) applies around it.
         sampling = SamplingConfig(sampler="ddim", steps=steps, scale=scale, height=res, width=res, precision="full")
-        models = SamplingModels.of(self.engine.unet, self.frozen.vae, self.frozen.text_encoder, self.schedule,
-                                   self.env.device, f"raw weights at step {self.state.step}")
         self.engine.unet.eval()
         try:
-            with self.engine.autocast():
-                z = sample_latents(models, prompts, range(len(prompts)), sampling, unet_forward=self.engine.module)
+            with self._weights_for_samples() as weights:
+                models = SamplingModels.of(self.engine.unet, self.frozen.vae, self.frozen.text_encoder,
+                                           self.schedule, self.env.device, weights)
+                with self.engine.autocast():
+                    z = sample_latents(models, prompts, range(len(prompts)), sampling,
+                                       unet_forward=self.engine.module)
             images = decode(models, z, sampling)
         finally:
             self.engine.unet.train()

@@ -73,6 +73,13 @@ class Engine(ABC):
     def named_trainable(self) -> dict[str, torch.Tensor]:
         """This rank's trainable tensors (full or local shards) with the UNet's parameter names."""
 
+    @contextlib.contextmanager
+    def weights_edited(self):
+        """Around an edit of `named_trainable()` in place, outside the optimiser (the EMA put in for a
+        sample grid and taken out again): backends that keep gathered copies of the weights between
+        forward passes drop them here, so the next forward reads the edit."""
+        yield
+
     @abstractmethod
     def save(self, path: Path) -> None:
         """Model + optimiser + LR schedule, sharded, into the folder `path` (all ranks call this)."""

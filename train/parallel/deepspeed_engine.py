@@ -7,6 +7,7 @@ FusedAdam, ~100 s, and differs numerically from torch's).
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -70,8 +71,6 @@ class DeepSpeedEngine(Engine):
         self.zero3 = cfg.parallel.zero_stage == 3
 
     def autocast(self):
-        import contextlib
-
         return contextlib.nullcontext()  # DeepSpeed holds bf16/fp16 parameters itself; inputs are cast below
 
     def _forward_with_cast(self, x, timesteps, context):
@@ -106,6 +105,20 @@ class DeepSpeedEngine(Engine):
         if self.zero3:
             return {n: p.ds_tensor for n, p in self.unet.named_parameters()}  # this rank's flat partition
         return dict(self.unet.named_parameters())
+
+    @contextlib.contextmanager
+    def weights_edited(self):
+        if not self.zero3:
+            yield  # ZeRO-1/2: the forward reads the module's parameters themselves
+            return
+        # ZeRO-3 keeps parameters gathered between forward passes (the persistent small ones always, others
+        # up to its reuse distance): release them all before the edit of the partitions and gather the
+        # persistent ones again after it, as DeepSpeed does around loading a checkpoint.
+        self.ds.optimizer.checkpoint_event_prologue()
+        try:
+            yield
+        finally:
+            self.ds.optimizer.checkpoint_event_epilogue()
 
     def save(self, path: Path):
         self.ds.save_checkpoint(str(path), tag=TAG, save_latest=False)

@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from . import dcp_io
@@ -46,6 +46,15 @@ class FSDPEngine(TorchEngine):
 
     def autocast(self):
         return contextlib.nullcontext()  # FSDP2 casts parameters and the root's inputs itself
+
+    @contextlib.contextmanager
+    def weights_edited(self):
+        # A forward pass leaves the root (and, with reshard_after_forward=false, every block) unsharded, and
+        # the next one would reuse those gathered weights instead of gathering the edited shards.
+        for module in self.unet.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        yield
 
     def _make_scaler(self, enabled: bool):
         # Each rank holds a different gradient shard: the inf/nan check must be all-reduced, or one rank
