@@ -18,6 +18,16 @@ def reference_layout() -> dict:
     return json.loads((ASSETS / "sd_v1_state_dict.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def two_shards(tmp_path_factory) -> str:
+    """Two synthetic shards of 16 captioned 64 px images, as a brace pattern for stage.data.shards."""
+    from data.synth import write_synthetic_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    write_synthetic_shards(out, num_shards=2, samples_per_shard=16, image_size=64, seed=0)
+    return f"{out}/{{00000..00001}}.tar"
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -9,31 +9,23 @@ import sys
 import pytest
 import torch
 
-from data.synth import write_synthetic_shards
 from launch.torchrun import free_port
 from train.config import ConfigError, validate
 from train_helpers import REPO, compose_train_config, in_process_trainer, train_env
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    write_synthetic_shards(out, num_shards=2, samples_per_shard=16, image_size=64, seed=0)
-    return f"{out}/{{00000..00001}}.tar"
-
-
-def test_samples_use_the_ema_and_leave_the_raw_weights_exact(tmp_path, shards):
+def test_samples_use_the_ema_and_leave_the_raw_weights_exact(tmp_path, two_shards):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-           str(REPO / "tests" / "sample_weights_worker.py"), shards, str(tmp_path), "ddp", "fsdp", "zero2", "zero3"]
+           str(REPO / "tests" / "sample_weights_worker.py"), two_shards, str(tmp_path), "ddp", "fsdp", "zero2", "zero3"]
     proc = subprocess.run(cmd, cwd=REPO, env=train_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
     assert proc.stdout.count("samples drawn with the EMA, raw weights exact after") == 4, proc.stdout
 
 
-def test_raw_weights_are_drawn_as_they_are(tmp_path, shards):
+def test_raw_weights_are_drawn_as_they_are(tmp_path, two_shards):
     from sample_weights_worker import raw_weights, train_steps
 
-    trainer = in_process_trainer(tmp_path, shards, "backend=ddp", "parallel.precision=fp32",
+    trainer = in_process_trainer(tmp_path, two_shards, "backend=ddp", "parallel.precision=fp32",
                                  "tracking.sample_weights=raw")
     train_steps(trainer, 1)
     raw = raw_weights(trainer)

@@ -16,7 +16,6 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from data.synth import write_synthetic_shards
 from train_helpers import in_process_trainer, one_rank_group
 
 HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
@@ -46,13 +45,6 @@ def test_the_detector_sees_the_usual_host_reads():
     assert len(mode.reads) == 4 and all(r.startswith("aten.") for r in mode.reads)
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    write_synthetic_shards(out, num_shards=2, samples_per_shard=16, image_size=64, seed=0)
-    return f"{out}/{{00000..00001}}.tar"
-
-
 def _steps(trainer, n):
     """n optimiser steps as the loop runs them. The batches are drawn first: the loader is host-side
     data work (its workers' reads are not the step's)."""
@@ -64,9 +56,9 @@ def _steps(trainer, n):
 
 
 @pytest.mark.parametrize("backend,precision", [("ddp", "fp32"), ("ddp", "fp16"), ("fsdp", "bf16")])
-def test_the_optimizer_step_reads_nothing_back(tmp_path, shards, backend, precision):
+def test_the_optimizer_step_reads_nothing_back(tmp_path, two_shards, backend, precision):
     with one_rank_group(backend):
-        trainer = in_process_trainer(tmp_path, shards, f"backend={backend}", f"parallel.precision={precision}",
+        trainer = in_process_trainer(tmp_path, two_shards, f"backend={backend}", f"parallel.precision={precision}",
                            "stage.micro_batch=2", "fault.nan_loss_at_steps=[2]")  # accumulation 2, one skip
         assert trainer.accumulation == 2
         steps = _steps(trainer, 4)
@@ -78,9 +70,9 @@ def test_the_optimizer_step_reads_nothing_back(tmp_path, shards, backend, precis
 
 
 @pytest.mark.parametrize("backend", ["ddp", "fsdp"])
-def test_a_skipped_step_leaves_weights_moments_and_ema_bit_identical(tmp_path, shards, backend):
+def test_a_skipped_step_leaves_weights_moments_and_ema_bit_identical(tmp_path, two_shards, backend):
     with one_rank_group(backend):
-        trainer = in_process_trainer(tmp_path, shards, f"backend={backend}", "parallel.precision=fp32",
+        trainer = in_process_trainer(tmp_path, two_shards, f"backend={backend}", "parallel.precision=fp32",
                            "fault.nan_loss_at_steps=[1]")
         steps = _steps(trainer, 3)
         next(steps)
