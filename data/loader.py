@@ -137,6 +137,22 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
     return 0, 1
 
 
+def collate(samples: list[dict], latents: bool, context: bool, tokenizer) -> dict:
+    """Decoded samples (data.samples.Decoder) -> one batch: captions, keys, metadata, token ids, and the
+    images as pixels in [-1, 1] or the latents' mean and std (and the precomputed context)."""
+    captions = [s["caption"] for s in samples]
+    batch = {"captions": captions, "keys": [s["key"] for s in samples], "json": [s["json"] for s in samples],
+             "dropped": torch.tensor([s["dropped"] for s in samples]), "input_ids": tokenizer(captions)}
+    if latents:
+        batch["latent_mean"] = torch.from_numpy(stack(samples, "latent_mean"))
+        batch["latent_std"] = torch.from_numpy(stack(samples, "latent_std"))
+        if context:
+            batch["context"] = torch.from_numpy(stack(samples, "context"))
+    else:
+        batch["pixels"] = to_pixels([s["image"] for s in samples])
+    return batch
+
+
 class _Stream:
     """One stream inside a worker: candidates in plan order -> decoded samples -> batches."""
 
@@ -205,23 +221,11 @@ class _StreamDataset(IterableDataset):
             if local not in streams:
                 streams[local] = _Stream(self, local, self.cursors[local])
             samples, cursor, skips = streams[local].next_batch()
-            batch = self._collate(samples)
+            batch = collate(samples, self.config.latents, self.config.context, self.tokenizer)
             batch["_position"] = (n, local, cursor.to_list(), dict(skips))
             yield batch
             n += num_workers
 
-    def _collate(self, samples: list[dict]) -> dict:
-        captions = [s["caption"] for s in samples]
-        batch = {"captions": captions, "keys": [s["key"] for s in samples], "json": [s["json"] for s in samples],
-                 "dropped": torch.tensor([s["dropped"] for s in samples]), "input_ids": self.tokenizer(captions)}
-        if self.config.latents:
-            batch["latent_mean"] = torch.from_numpy(stack(samples, "latent_mean"))
-            batch["latent_std"] = torch.from_numpy(stack(samples, "latent_std"))
-            if self.config.context:
-                batch["context"] = torch.from_numpy(stack(samples, "context"))
-        else:
-            batch["pixels"] = to_pixels([s["image"] for s in samples])
-        return batch
 
 
 class ShardLoader:

@@ -54,6 +54,9 @@ class DataConfig:
     # then submits `python -m data precompute` for the missing ones before the stage (launch/precompute.py).
     # The trainer does not read it.
     precompute_from: Optional[str] = None
+    # Held-out shards (a brace pattern, of the same kind as `shards`: latents with latents) for the validation
+    # loss every tracking.val_every steps (train/validation.py); read whole, in order, once at start-up.
+    val_shards: Optional[str] = None
     shuffle_buffer: int = 1000
     shards_per_group: int = 4
 
@@ -157,6 +160,8 @@ class TrackingConfig:
     entity: Optional[str] = None
     log_every: int = 10
     sample_every: int = 0
+    # Steps between validation losses (val/loss, and val/loss_ema with the EMA) on stage.data.val_shards; 0: none.
+    val_every: int = 0
     # The weights the grids are drawn with: "ema" (what the stage exports and CompVis' image logger drew
     # with) or "raw" (the optimiser's current weights).
     sample_weights: str = "ema"
@@ -304,6 +309,12 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
                           "saving leaves a loadable one")
     if cfg.tracking.wandb_mode not in ("online", "offline", "disabled"):
         raise ConfigError(f"tracking.wandb_mode={cfg.tracking.wandb_mode!r}: choose online, offline or disabled")
+    if cfg.tracking.val_every and not cfg.stage.data.val_shards:
+        raise ConfigError(f"tracking.val_every={cfg.tracking.val_every} needs held-out shards: set "
+                          "stage.data.val_shards, or tracking.val_every=0")
+    if cfg.stage.data.val_shards and not cfg.tracking.val_every:
+        raise ConfigError(f"stage.data.val_shards={cfg.stage.data.val_shards!r} is never read with "
+                          "tracking.val_every=0: set tracking.val_every=N (steps), or remove val_shards")
     if cfg.tracking.sample_weights not in ("ema", "raw"):
         raise ConfigError(f"tracking.sample_weights={cfg.tracking.sample_weights!r}: choose ema or raw")
     if cfg.tracking.sample_every and cfg.tracking.sample_weights == "ema" and not cfg.ema.enabled:

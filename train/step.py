@@ -21,9 +21,11 @@ class FrozenParts:
 
 
 @torch.no_grad()
-def encode_batch(batch: dict, frozen: FrozenParts, device: torch.device, generator: torch.Generator,
-                 autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z0, context) for a batch of images, or of precomputed latents (posterior mean and std).
+def encode_batch(batch: dict, frozen: FrozenParts, device: torch.device, generator: torch.Generator | None,
+                 autocast, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z0, context) for a batch of images, or of precomputed latents (posterior mean and std). z0 is a
+    posterior sample (the training objective, as CompVis' get_first_stage_encoding), or with
+    `sample=False` the posterior's mean (`generator` unused).
 
     The copies are non-blocking: from the loader's pinned memory a blocking copy to the GPU would wait
     for the whole queue (a host sync every step)."""
@@ -34,10 +36,11 @@ def encode_batch(batch: dict, frozen: FrozenParts, device: torch.device, generat
         if "latent_mean" in batch:
             mean = to_device(batch["latent_mean"], torch.float32)
             std = to_device(batch["latent_std"], torch.float32)
-            noise = torch.randn(mean.shape, generator=generator, device=device)
-            z = frozen.scale_factor * (mean + std * noise)
+            if sample:
+                mean = mean + std * torch.randn(mean.shape, generator=generator, device=device)
+            z = frozen.scale_factor * mean
         else:
-            z = frozen.vae.encode_latents(to_device(batch["pixels"]), generator=generator)
+            z = frozen.vae.encode_latents(to_device(batch["pixels"]), generator=generator, sample=sample)
         if "context" in batch:
             context = to_device(batch["context"])
         else:

@@ -71,8 +71,33 @@ class Trainer:
         self.tracker = Tracker(cfg.tracking, self.run_dir, config_dict, self.state.wandb_run_id, env.rank,
                                resume=self.resumed_from is not None)
         self.state.wandb_run_id = self.tracker.run_id
+        self.validator = self._build_validator() if cfg.tracking.val_every else None
         self.flops_per_image = unet_train_flops_per_image(self.sd_cfg.unet, cfg.stage.data.resolution // 8)
         self.encoder_flops_per_image = self._encoder_flops_per_image()
+
+    def _build_validator(self):
+        from data.filters_runtime import stage_filter
+        from data.held_out import read_held_out
+        from train.validation import Validator
+
+        cfg, env, data = self.cfg, self.env, self.cfg.stage.data
+        held_out = read_held_out(data.val_shards, env.rank, env.world_size, cfg.stage.micro_batch, data.resolution,
+                                 data.latents, data.context, stage_filter(data.subset) if data.subset else None)
+        unet = self.sd_cfg.unet
+        validator = Validator(held_out, self.frozen, self.schedule, env.device, self._encode_autocast(),
+                              (unet.in_channels, data.resolution // 8, data.resolution // 8),
+                              (self.sd_cfg.text.max_position_embeddings, unet.context_dim))
+        if env.is_main:
+            skipped = f" (not used: {dict(validator.skips)})" if validator.skips else ""
+            print(f"validation: {validator.samples} held-out samples every {cfg.tracking.val_every} steps{skipped}",
+                  flush=True)
+        return validator
+
+    def _encode_autocast(self):
+        """The frozen encoders run under the training precision's autocast (fp32: none)."""
+        if self.engine.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.engine.dtype)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _rank_state(self) -> dict:
@@ -165,8 +190,7 @@ class Trainer:
         meter = ThroughputMeter(env.world_size, self.flops_per_image, peak_tflops(env.device, cfg.parallel.precision),
                                 encoder_flops_per_image=self.encoder_flops_per_image)
         progress = Progress(cfg.tracking, total, start_step=state.step, rank=env.rank)
-        encode_autocast = (torch.autocast(env.device.type, dtype=self.engine.dtype)
-                           if self.engine.dtype != torch.float32 else contextlib.nullcontext())
+        encode_autocast = self._encode_autocast()
         counters = StepCounters(env.device, state.nonfinite_skipped, state.nonfinite_in_a_row)
         batches = iter(self.loader)
         self._status("running")
@@ -188,10 +212,13 @@ class Trainer:
             stop = self._apply(pending, meter, progress) if pending else None
             pending = record
             sample_due = bool(cfg.tracking.sample_every) and state.step % cfg.tracking.sample_every == 0
+            val_due = bool(cfg.tracking.val_every) and state.step % cfg.tracking.val_every == 0
             checkpoint_due = state.step % cfg.checkpoint.every_steps == 0
-            if stop or checkpoint_due or sample_due or state.step == total:
+            if stop or checkpoint_due or sample_due or val_due or state.step == total:
                 stop = self._apply(pending, meter, progress) or stop  # the state is complete before saving
                 pending = None
+            if val_due:
+                self._validate()
             if sample_due:
                 self._log_samples()
             if stop == "abort":
@@ -250,22 +277,45 @@ class Trainer:
         self._status("running")
 
     @contextlib.contextmanager
-    def _weights_for_samples(self):
-        """The UNet holds the weights a sample grid is drawn with (tracking.sample_weights) while inside;
-        after, the raw weights again, bit for bit. Yields their description."""
-        step = self.state.step
-        if self.cfg.tracking.sample_weights == "raw":
-            yield f"raw weights at step {step}"
-            return
+    def _ema_weights(self):
+        """The UNet holds the EMA weights while inside; after, the raw weights again, bit for bit."""
         # named_trainable() inside weights_edited(): FSDP2 registers its unsharded tensors between a forward
         # pass and its reshard, and the edit must reach the shards.
         with self.engine.weights_edited():
             saved = self.ema.copy_to(self.engine.named_trainable())
         try:
-            yield f"EMA weights at step {step}"
+            yield
         finally:
             with self.engine.weights_edited():
                 self.ema.restore(self.engine.named_trainable(), saved)
+
+    @contextlib.contextmanager
+    def _weights_for_samples(self):
+        """The UNet holds the weights a sample grid is drawn with (tracking.sample_weights) while inside.
+        Yields their description."""
+        step = self.state.step
+        if self.cfg.tracking.sample_weights == "raw":
+            yield f"raw weights at step {step}"
+            return
+        with self._ema_weights():
+            yield f"EMA weights at step {step}"
+
+    def _validate(self) -> dict[str, float]:
+        """The validation loss of the raw weights and, with an EMA, of the average (every rank calls it)."""
+        unet = self.engine.unet
+        unet.eval()
+        try:
+            losses = {"val/loss": self.validator.loss(self.engine.module, self.engine.autocast())}
+            if self.ema is not None:
+                with self._ema_weights():
+                    losses["val/loss_ema"] = self.validator.loss(self.engine.module, self.engine.autocast())
+        finally:
+            unet.train()
+        self.tracker.log(losses, step=self.state.step)
+        if self.env.is_main:
+            shown = ", ".join(f"{k} {v:.5f}" for k, v in losses.items())
+            print(f"step {self.state.step}: {shown} ({self.validator.samples} held-out samples)", flush=True)
+        return losses
 
     @torch.no_grad()
     def _log_samples(self, steps: int = 20, scale: float = 3.0) -> None:
