@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data.held_out import read_held_out
+from data.held_out import HeldOut
 from data.synth import write_synthetic_shards
 from tools.sample import load_sampling_models
 from train.config import ConfigError, validate
@@ -30,12 +30,12 @@ def held_out_5(tmp_path_factory):
 
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_each_held_out_sample_goes_to_one_rank(held_out, world):
-    shares = [read_held_out(held_out, rank, world, batch_size=2, resolution=64) for rank in range(world)]
-    ids = [i for share in shares for batch in share.batches for i in batch["ids"]]
+    shares = [list(HeldOut(held_out, rank, world, batch_size=2, resolution=64)) for rank in range(world)]
+    ids = [i for share in shares for batch in share for i in batch["ids"]]
     assert len(ids) == len(set(ids)) == 6
-    counts = [sum(len(b["ids"]) for b in share.batches) for share in shares]
+    counts = [sum(len(b["ids"]) for b in share) for share in shares]
     assert max(counts) - min(counts) <= 1
-    assert ids[0] == "00000.tar/" + shares[0].batches[0]["keys"][0]
+    assert ids[0] == "00000.tar/" + shares[0][0]["keys"][0]
 
 
 def test_a_sample_draws_the_same_wherever_it_is_read():
@@ -49,7 +49,7 @@ def test_a_sample_draws_the_same_wherever_it_is_read():
 def _plain_validation_loss(export_dir, held_out, ema: bool) -> float:
     """What the validation loss means, computed in one process from the exported checkpoint."""
     models = load_sampling_models(export_dir, arch="tiny", ema=ema)
-    (batch,) = read_held_out(held_out, 0, 1, batch_size=100, resolution=64).batches
+    (batch,) = HeldOut(held_out, 0, 1, batch_size=100, resolution=64)
     acp = models.alphas_cumprod.double()
     errors = []
     with torch.no_grad():

@@ -77,12 +77,12 @@ class Trainer:
 
     def _build_validator(self):
         from data.filters_runtime import stage_filter
-        from data.held_out import read_held_out
+        from data.held_out import HeldOut
         from train.validation import Validator
 
         cfg, env, data = self.cfg, self.env, self.cfg.stage.data
-        held_out = read_held_out(data.val_shards, env.rank, env.world_size, cfg.stage.micro_batch, data.resolution,
-                                 data.latents, data.context, stage_filter(data.subset) if data.subset else None)
+        held_out = HeldOut(data.val_shards, env.rank, env.world_size, cfg.stage.micro_batch, data.resolution,
+                           data.latents, data.context, stage_filter(data.subset) if data.subset else None)
         unet = self.sd_cfg.unet
         validator = Validator(held_out, self.frozen, self.schedule, env.device, self._encode_autocast(),
                               (unet.in_channels, data.resolution // 8, data.resolution // 8),

@@ -38,7 +38,17 @@ class _Batch:
     context: torch.Tensor
     timesteps: torch.Tensor
     noise: torch.Tensor
-    weight: torch.Tensor  # 1 per real sample; 0 for the padding that keeps the ranks' forward passes in step
+    weight: torch.Tensor  # 1 per real sample; 0 for padding (_padded, and the batches that keep ranks in step)
+
+
+def _padded(batch: _Batch, size: int) -> _Batch:
+    """Zero rows of weight 0 up to `size`: every pass has the training micro-batch's shape (one compiled
+    graph, not one per short batch), and the rows do not count."""
+    missing = size - len(batch.weight)
+    if missing == 0:
+        return batch
+    return _Batch(*(torch.cat([t, t.new_zeros(missing, *t.shape[1:])]) for t in
+                    (batch.z, batch.context, batch.timesteps, batch.noise, batch.weight)))
 
 
 def _all_reduce(value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -52,24 +62,25 @@ class Validator:
                  latent_shape: tuple[int, int, int], context_shape: tuple[int, int]):
         self.schedule = schedule
         self.batches: list[_Batch] = []
-        for batch in held_out.batches:
+        samples = 0
+        for batch in held_out:  # encoded as read: the images of one batch at a time in memory
             z, context = encode_batch(batch, frozen, device, None, encode_autocast, sample=False)
             draws = [draw_for(i, tuple(z.shape[1:]), schedule.num_timesteps) for i in batch["ids"]]
-            self.batches.append(_Batch(z, context, torch.tensor([t for t, _ in draws], device=device),
-                                       torch.stack([n for _, n in draws]).to(device),
-                                       torch.ones(len(draws), device=device)))
-        counts = torch.tensor([len(self.batches), sum(len(b.weight) for b in self.batches)], device=device)
+            samples += len(draws)
+            self.batches.append(_padded(_Batch(z, context, torch.tensor([t for t, _ in draws], device=device),
+                                               torch.stack([n for _, n in draws]).to(device),
+                                               torch.ones(len(draws), device=device)), held_out.batch_size))
+        counts = torch.tensor([len(self.batches), samples], device=device)
         most_batches = int(_all_reduce(counts[:1].clone(), dist.ReduceOp.MAX))
         self.samples = int(_all_reduce(counts[1:].clone()))
-        if self.samples == 0:
-            raise ValueError(f"the held-out shards give no usable sample (skipped: {dict(held_out.read_skips)})")
-        # Under FSDP2 and ZeRO-3 a forward pass is collective: every rank runs as many as the busiest one.
-        while len(self.batches) < most_batches:
-            self.batches.append(_Batch(torch.zeros(1, *latent_shape, device=device),
-                                       torch.zeros(1, *context_shape, device=device),
-                                       torch.zeros(1, dtype=torch.long, device=device),
-                                       torch.zeros(1, *latent_shape, device=device), torch.zeros(1, device=device)))
         self.skips = held_out.read_skips + _gathered_counter(held_out.decode_skips)
+        if self.samples == 0:
+            raise ValueError(f"the held-out shards give no usable sample (skipped: {dict(self.skips)})")
+        # Under FSDP2 and ZeRO-3 a forward pass is collective: every rank runs as many as the busiest one.
+        empty = _Batch(torch.zeros(0, *latent_shape, device=device), torch.zeros(0, *context_shape, device=device),
+                       torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, *latent_shape, device=device),
+                       torch.zeros(0, device=device))
+        self.batches += [_padded(empty, held_out.batch_size)] * (most_batches - len(self.batches))
 
     @torch.no_grad()
     def loss(self, forward, autocast) -> float:
