@@ -37,7 +37,7 @@ class HeldOut:
         chunk, position = [], 0
         for shard, url in enumerate(self.urls):
             for candidate in read_candidates(url, shard, self.filters, self.latents, self.context, self.read_skips,
-                                             latent_size=self.resolution // 8):
+                                             latent_size=self.resolution // 8, setting="stage.data.val_shards"):
                 position += 1
                 if (position - 1) % self.world_size != self.rank:
                     continue

@@ -64,8 +64,8 @@ class WrongShardKind(ValueError):
 class _ShardKind:
     """What a shard's samples hold against what the loader reads (`latents`, at `latent_size`)."""
 
-    def __init__(self, latents: bool, latent_size: int | None):
-        self.latents, self.latent_size = latents, latent_size
+    def __init__(self, latents: bool, latent_size: int | None, setting: str = "stage.data.shards"):
+        self.latents, self.latent_size, self.setting = latents, latent_size, setting  # `setting`: for the message
         self.wanted = self.other_kind = 0  # samples with the payload the mode reads / only the other mode's
         self.sizes: Counter = Counter()  # latent sizes seen (from the .npy headers: nothing is decoded)
 
@@ -95,15 +95,16 @@ class _ShardKind:
             have, want = ("images", ".latent.npy latents") if self.latents else (".latent.npy latents", "images")
             raise WrongShardKind(
                 f"{url}: its samples hold {have}, not {want}: " + (
-                    "point stage.data.shards at latent shards (python -m data precompute) or set "
+                    f"point {self.setting} at latent shards (python -m data precompute) or set "
                     "stage.data.latents=false" if self.latents else
-                    "set stage.data.latents=true, or point stage.data.shards at image shards"))
+                    f"set stage.data.latents=true, or point {self.setting} at image shards"))
 
 
-def check_shard_kind(url: str, latents: bool, latent_size: int | None, samples: int = 16) -> None:
+def check_shard_kind(url: str, latents: bool, latent_size: int | None, samples: int = 16,
+                     setting: str = "stage.data.shards") -> None:
     """The loader's shard check on the first `samples` samples only: a launcher's quick look before a
-    job is queued (the loader checks every shard it reads). Raises WrongShardKind."""
-    kind = _ShardKind(latents, latent_size)
+    job is queued (the loader checks every shard it reads). Raises WrongShardKind, naming `setting`."""
+    kind = _ShardKind(latents, latent_size, setting)
     seen = 0
     for _, key, members in iter_shard_samples(url, Counter()):
         if key.rsplit("/", 1)[-1] != UNCOND_KEY:
@@ -115,13 +116,14 @@ def check_shard_kind(url: str, latents: bool, latent_size: int | None, samples: 
 
 
 def read_candidates(url: str, shard: int, filters: SubsetFilter | None, latents: bool, context: bool,
-                    counts: Counter, latent_size: int | None = None) -> Iterator[Candidate]:
+                    counts: Counter, latent_size: int | None = None,
+                    setting: str = "stage.data.shards") -> Iterator[Candidate]:
     """A shard's samples that pass the cheap checks. A shard of the wrong kind for `latents` (or, given
     `latent_size`, whose latents all have another size) raises WrongShardKind once it is read: skipping
     its samples one by one, the loader would read the whole dataset (every rank, every epoch) before it
     could tell that nothing will ever be usable."""
     uncond = None
-    kind = _ShardKind(latents, latent_size)
+    kind = _ShardKind(latents, latent_size, setting)
     for index, key, members in iter_shard_samples(url, counts):
         if key.rsplit("/", 1)[-1] == UNCOND_KEY:
             uncond = members.get(CONTEXT_EXT)

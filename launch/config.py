@@ -87,20 +87,23 @@ def stage_job(overrides: Sequence[str], *, strict: bool = True) -> StageJob:
 
 
 def check_first_shard(data, stage: str) -> None:
-    """The stage's first shard, where it is a local file already: images where the stage reads latents
-    (the 512 px SD stages do) or the reverse, or latents of another resolution, fail here rather than
-    after the job's wait in the queue. Remote (`pipe:`) shards, and shards not made yet (a chain's later
-    stages), are left to the loader, which checks every shard it reads."""
+    """The stage's first shard (and first held-out shard), where it is a local file already: images where
+    the stage reads latents (the 512 px SD stages do) or the reverse, or latents of another resolution,
+    fail here rather than after the job's wait in the queue. Remote (`pipe:`) shards, and shards not made
+    yet (a chain's later stages), are left to the loader, which checks every shard it reads."""
     from data.loader import expand_shards
     from data.samples import WrongShardKind, check_shard_kind
 
-    first = expand_shards(data.shards)[0]
-    if first.startswith("pipe:") or not Path(first.removeprefix("file:")).is_file():
-        return
-    try:
-        check_shard_kind(first, data.latents, data.resolution // 8)
-    except WrongShardKind as err:
-        raise ConfigError(f"stage {stage}: {err}") from err
+    for setting, shards in (("stage.data.shards", data.shards), ("stage.data.val_shards", data.val_shards)):
+        if shards is None:
+            continue
+        first = expand_shards(shards)[0]
+        if first.startswith("pipe:") or not Path(first.removeprefix("file:")).is_file():
+            continue
+        try:
+            check_shard_kind(first, data.latents, data.resolution // 8, setting=setting)
+        except WrongShardKind as err:
+            raise ConfigError(f"stage {stage}: {err}") from err
 
 
 def time_limit_s(text: str) -> int:

@@ -101,6 +101,10 @@ def test_the_first_shard_is_checked_for_what_the_stage_reads(tmp_path):
     with pytest.raises(ConfigError, match="stage mini_test: .*00000.tar: its samples hold images, not .latent.npy "
                                           "latents: point stage.data.shards at latent shards"):
         stage_job(["stage=mini_test", images, "stage.data.latents=true"])
+    with pytest.raises(ConfigError, match="stage mini_test: .*00000.tar: its samples hold images, not .latent.npy "
+                                          "latents: point stage.data.val_shards at latent shards"):
+        stage_job(["stage=mini_test", f"stage.data.shards='{tmp_path}/missing.tar'", "stage.data.latents=true",
+                   f"stage.data.val_shards='{tmp_path}/00000.tar'", "tracking.val_every=10"])
     # Not there yet (a chain's later stage, precompute still running) or remote: the loader's to check.
     stage_job(["stage=mini_test", f"stage.data.shards='{tmp_path}/missing.tar'", "stage.data.latents=true"])
     stage_job(["stage=mini_test", "stage.data.shards='pipe:cat /nonexistent.tar'", "stage.data.latents=true"])

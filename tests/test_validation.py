@@ -38,6 +38,13 @@ def test_each_held_out_sample_goes_to_one_rank(held_out, world):
     assert ids[0] == "00000.tar/" + shares[0][0]["keys"][0]
 
 
+def test_held_out_shards_of_the_wrong_kind_name_their_setting(held_out):
+    from data.samples import WrongShardKind
+
+    with pytest.raises(WrongShardKind, match="point stage.data.val_shards at latent shards"):
+        list(HeldOut(held_out, 0, 1, batch_size=2, resolution=64, latents=True))
+
+
 def test_a_sample_draws_the_same_wherever_it_is_read():
     t1, n1 = draw_for("00000.tar/000000001", (4, 8, 8), 1000)
     t2, n2 = draw_for("00000.tar/000000001", (4, 8, 8), 1000)
