@@ -39,9 +39,10 @@ SEEDS_PER_PROMPT = 4
 def write_data(data_dir: Path) -> None:
     from data.synth import write_synthetic_shards
 
-    if (data_dir / "00007.tar").is_file():
-        return
-    write_synthetic_shards(data_dir, num_shards=8, samples_per_shard=128, image_size=128, seed=0)
+    if not (data_dir / "00007.tar").is_file():
+        write_synthetic_shards(data_dir, num_shards=8, samples_per_shard=128, image_size=128, seed=0)
+    if not (data_dir / "held_out" / "00000.tar").is_file():  # the stages' validation set (val_shards)
+        write_synthetic_shards(data_dir / "held_out", num_shards=1, samples_per_shard=128, image_size=128, seed=1)
 
 
 def run_stage(stage: str, root: Path, procs: int, backend: str, extra: list[str]) -> None:
@@ -124,19 +125,21 @@ def save_grid(images: torch.Tensor, path: Path, columns: int) -> None:
     save_image(images, path, nrow=columns, padding=2, pad_value=1.0)
 
 
-def loss_history(root: Path) -> list[tuple[int, float, str]]:
+def loss_history(root: Path, key: str = "train/loss") -> list[tuple[int, float, str]]:
+    """(step, value, stage) of a logged metric over the stage chain, from the stages' offline W&B runs."""
     from train.wandb_records import read_run
 
     points = []
     for stage in STAGES:
         for wandb_file in sorted((root / RUN_NAME / stage / "wandb").glob("offline-run-*/run-*.wandb")):
             for row in read_run(wandb_file).history:
-                if "train/loss" in row:
-                    points.append((int(row["_step"]), float(row["train/loss"]), stage))
+                if key in row:
+                    points.append((int(row["_step"]), float(row[key]), stage))
     return sorted(set(points))
 
 
-def plot_loss(points: list[tuple[int, float, str]], path: Path) -> None:
+def plot_loss(points: list[tuple[int, float, str]], path: Path, val: list[tuple[int, float, str]] = ()) -> None:
+    """The training loss per stage, and the EMA weights' validation loss (val/loss_ema) as markers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,12 +150,16 @@ def plot_loss(points: list[tuple[int, float, str]], path: Path) -> None:
         xs = [p[0] for p in points if p[2] == stage]
         ys = [p[1] for p in points if p[2] == stage]
         if xs:
-            ax.plot(xs, ys, label=stage)
+            line, = ax.plot(xs, ys, label=stage)
+            held_out = [(p[0], p[1]) for p in val if p[2] == stage]
+            if held_out:
+                ax.plot(*zip(*held_out), "o", color=line.get_color(), markersize=4,
+                        label=f"{stage} validation (EMA)")
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("epsilon MSE (log window mean)")
     ax.set_yscale("log")
-    ax.set_title("SD v1 in miniature: training loss across the stage chain")
-    ax.legend()
+    ax.set_title("SD v1 in miniature: loss across the stage chain")
+    ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -188,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"guidance 1.0: asked-for colour dominates {alone['accuracy']:.0%} of samples", flush=True)
     result = evaluate(models, args.scale)
     save_grid(result.pop("images"), out / "samples.png", columns=8)
-    points = loss_history(root)
-    plot_loss(points, out / "loss.png")
-    (out / "report.json").write_text(json.dumps({**result, "loss": points}, indent=1))
+    points, val = loss_history(root), loss_history(root, "val/loss_ema")
+    plot_loss(points, out / "loss.png", val)
+    (out / "report.json").write_text(json.dumps({**result, "loss": points, "val_loss_ema": val}, indent=1))
     passed = result["accuracy"] >= PASS_FRACTION
     print(f"\nsample grid: {out / 'samples.png'}\nloss curve:  {out / 'loss.png'}\nreport:      {out / 'report.json'}")
     print(f"text conditioning: the asked-for colour dominates {result['accuracy']:.0%} of {len(result['cases'])} "
