@@ -36,9 +36,8 @@ def encode_batch(batch: dict, frozen: FrozenParts, device: torch.device, generat
         if "latent_mean" in batch:
             mean = to_device(batch["latent_mean"], torch.float32)
             std = to_device(batch["latent_std"], torch.float32)
-            if sample:
-                mean = mean + std * torch.randn(mean.shape, generator=generator, device=device)
-            z = frozen.scale_factor * mean
+            posterior = mean + std * torch.randn(mean.shape, generator=generator, device=device) if sample else mean
+            z = frozen.scale_factor * posterior
         else:
             z = frozen.vae.encode_latents(to_device(batch["pixels"]), generator=generator, sample=sample)
         if "context" in batch:

@@ -300,17 +300,22 @@ class Trainer:
         with self._ema_weights():
             yield f"EMA weights at step {step}"
 
+    @contextlib.contextmanager
+    def _evaluating(self):
+        """The UNet in eval mode while inside (sample grids, validation), in train mode again after."""
+        self.engine.unet.eval()
+        try:
+            yield
+        finally:
+            self.engine.unet.train()
+
     def _validate(self) -> dict[str, float]:
         """The validation loss of the raw weights and, with an EMA, of the average (every rank calls it)."""
-        unet = self.engine.unet
-        unet.eval()
-        try:
+        with self._evaluating():
             losses = {"val/loss": self.validator.loss(self.engine.module, self.engine.autocast())}
             if self.ema is not None:
                 with self._ema_weights():
                     losses["val/loss_ema"] = self.validator.loss(self.engine.module, self.engine.autocast())
-        finally:
-            unet.train()
         self.tracker.log(losses, step=self.state.step)
         if self.env.is_main:
             shown = ", ".join(f"{k} {v:.5f}" for k, v in losses.items())
@@ -329,8 +334,7 @@ class Trainer:
         res = self.cfg.stage.data.resolution
         # precision "full": no fp16 autocast of its own; the engine's (bf16) applies around it.
         sampling = SamplingConfig(sampler="ddim", steps=steps, scale=scale, height=res, width=res, precision="full")
-        self.engine.unet.eval()
-        try:
+        with self._evaluating():
             with self._weights_for_samples() as weights:
                 models = SamplingModels.of(self.engine.unet, self.frozen.vae, self.frozen.text_encoder,
                                            self.schedule, self.env.device, weights)
@@ -338,8 +342,6 @@ class Trainer:
                     z = sample_latents(models, prompts, range(len(prompts)), sampling,
                                        unet_forward=self.engine.module)
             images = decode(models, z, sampling)
-        finally:
-            self.engine.unet.train()
         self.tracker.log_images("samples", images.cpu(), prompts, self.state.step)
 
 
