@@ -22,7 +22,11 @@ assigned so that batch n always comes from stream n % streams_per_rank, so the s
 (batches consumed, one cursor per stream, skip totals) covers exactly what the trainer has received,
 not what workers have prefetched. Restarting builds every stream from its cursor. The state can be
 restored with a different num_workers as long as it divides streams_per_rank (which is why
-streams_per_rank is a setting of its own), but not with a different world size or shard list.
+streams_per_rank is a setting of its own), but not with a different shard list.
+
+A different world size: `load_state_dicts` takes the states of all the old ranks and deals out what
+their streams had left of their epochs (data/plan.py, `replan`): nothing is skipped or seen twice, in
+a new order.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ import torch
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.plan import Cursor, ShardPlan, stream_items
+from data.plan import Cursor, ShardPlan, replan, stream_items
 from data.samples import RESUME_INEXACT, Decoder, read_candidates, stack
 from data.stages import SubsetFilter
 from data.transforms import CROPS, RESIZES, to_pixels
@@ -72,8 +76,8 @@ class LoaderConfig:
     # the precomputed text embeddings.
     latents: bool = False
     context: bool = False
-    # Begin a fresh run at this epoch (e.g. after a change of world size, when the saved state can
-    # no longer be restored: the rest of the interrupted epoch is then skipped, nothing repeated).
+    # Begin a fresh run at this epoch (a new stage over shards an earlier one read, say; a change of
+    # world size needs no such thing: see load_state_dicts).
     start_epoch: int = 0
     pin_memory: bool = False
     prefetch_factor: int = 2
@@ -159,10 +163,11 @@ class _Stream:
     def __init__(self, ds: "_StreamDataset", local: int, cursor: Cursor):
         self.ds, self.counts = ds, Counter()
         self.cursor = cursor
-        self.good_in_group = cursor.offset > 0  # a saved cursor always follows a good sample
+        self.good_in_group = False
+        self._before_replay = Counter()
         self.barren: set[int] = set()  # shards of consecutive groups that gave no sample
         self.items = stream_items(ds.plan, ds.rank * ds.plan.streams_per_rank + local, cursor,
-                                  ds.config.shuffle_buffer, self._read_shard, self._at_start,
+                                  ds.config.shuffle_buffer, self._read_shard, self._replay,
                                   self._group_end)
 
     def _read_shard(self, epoch: int, shard: int):
@@ -170,9 +175,17 @@ class _Stream:
         return read_candidates(self.ds.urls[shard], shard, cfg.filters, cfg.latents, cfg.context, self.counts,
                                latent_size=cfg.resolution // 8)
 
-    def _at_start(self, exact: bool) -> None:
-        self.counts.clear()  # the replayed reads were counted before the state was saved
-        if not exact:
+    def _replay(self, event: str) -> None:
+        # The replayed reads were counted before the state was saved: forget them (in place, the shard
+        # readers hold this Counter).
+        if event == "begin":
+            self._before_replay = Counter(self.counts)
+            return
+        self.counts.clear()
+        self.counts.update(self._before_replay)
+        if event == "exact":
+            self.good_in_group = True  # a saved cursor always follows a good sample
+        else:
             self.counts[RESUME_INEXACT] += 1
 
     def _group_end(self, shards: list[int]) -> None:
@@ -190,7 +203,7 @@ class _Stream:
         samples = []
         while len(samples) < self.ds.config.batch_size:
             self.cursor, candidate = next(self.items)
-            sample = self.ds.decoder(self.cursor.epoch, candidate, self.counts)
+            sample = self.ds.decoder(self.cursor.item_epoch, candidate, self.counts)
             if sample is not None:
                 self.good_in_group = True
                 samples.append(sample)
@@ -288,25 +301,27 @@ class ShardLoader:
                 "cursors": [c.to_list() for c in self._cursors], "skip_counts": self.skip_counts(),
                 "fingerprint": self._fingerprint()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def _check_state(self, state: dict) -> None:
         if self._iterating:
             raise RuntimeError("load_state_dict() must come before iterating the loader")
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a loader state of format {STATE_FORMAT!r}: {state.get('format')!r}")
-        if (state["world_size"], state["rank"]) != (self.world_size, self.rank):
-            furthest = max(c[0] for c in state["cursors"])
-            raise ValueError(
-                f"loader state of rank {state['rank']} of {state['world_size']} cannot be restored on rank {self.rank} "
-                f"of {self.world_size}: each rank's position only exists within its own split of the shards. Resume with "
-                f"world_size={state['world_size']}, or start afresh with LoaderConfig(start_epoch=E) for an E above "
-                f"every rank's saved epoch (this rank's furthest: {furthest}, so E >= {furthest + 1}), which skips the rest "
-                "of the interrupted epoch")
         saved, now = state["fingerprint"], self._fingerprint()
         changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         if changed:
             raise ValueError(f"loader state does not match this loader: {', '.join(changed)} changed "
                              f"({ {k: saved.get(k) for k in changed} } -> { {k: now.get(k) for k in changed} }). "
                              "A saved position only means something for the same shards, seed, shuffle and filters")
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume exactly from this rank's saved state (same world size); see load_state_dicts otherwise."""
+        self._check_state(state)
+        if (state["world_size"], state["rank"]) != (self.world_size, self.rank):
+            raise ValueError(
+                f"loader state of rank {state['rank']} of {state['world_size']} cannot be restored on rank {self.rank} "
+                f"of {self.world_size}: each rank's position only exists within its own split of the shards. Resume with "
+                f"world_size={state['world_size']}, or pass the states of all {state['world_size']} ranks to "
+                "load_state_dicts(), which hands out what they had left")
         streams = int(state["streams_per_rank"])
         if self.config.streams_per_rank not in (None, streams):
             raise ValueError(f"loader state has streams_per_rank={streams}, the config {self.config.streams_per_rank}: "
@@ -319,3 +334,40 @@ class ShardLoader:
         self._batches = int(state["batches"])
         self._cursors = [Cursor.from_list(c) for c in state["cursors"]]
         self._skips = Counter({k: int(v) for k, v in state["skip_counts"].items()})
+
+    def load_state_dicts(self, states: list[dict]) -> str:
+        """Go on from the saved states of *every* rank of a run with another world size (or stream count):
+        the groups they had left of their epochs are dealt to this run's streams (data.plan.replan), so no
+        sample of the interrupted epochs is skipped or repeated; the order of samples is a new one, unless
+        the total number of streams is unchanged and divides evenly, which keeps every stream as it was.
+        Returns a line for the log saying what was carried over."""
+        for state in states:
+            self._check_state(state)
+        old_world = len(states)
+        ranks = sorted((int(s["rank"]), int(s["world_size"]), int(s["streams_per_rank"])) for s in states)
+        if [r for r, _, _ in ranks] != list(range(old_world)) or {w for _, w, _ in ranks} != {old_world} or \
+                len({k for _, _, k in ranks}) != 1:
+            raise ValueError(f"load_state_dicts needs the states of every rank of one run, each once: got (rank, "
+                             f"world_size, streams_per_rank) = {ranks}")
+        old_streams = ranks[0][2]
+        cursors = [Cursor.from_list(c) for s in sorted(states, key=lambda s: s["rank"]) for c in s["cursors"]]
+        old = ShardPlan(len(self.urls), self.config.seed, old_world, old_streams, self.config.shards_per_group)
+        streams = self.config.streams_per_rank or max(1, self.config.num_workers)
+        keep = old.num_streams // self.world_size
+        if self.config.streams_per_rank in (None, keep) and keep * self.world_size == old.num_streams \
+                and keep % max(1, self.config.num_workers) == 0:
+            streams = keep  # the same streams, each going on where it was
+        self._set_streams(streams)
+        planned = replan(old, cursors, self.plan)
+        self._cursors = planned[self.rank * streams:(self.rank + 1) * streams]
+        # The skip counts are per rank (rank 0's are logged): rank r goes on from old rank r's.
+        saved = states[self.rank]["skip_counts"] if self.rank < old_world else {}
+        self._skips = Counter({k: int(v) for k, v in saved.items()})
+        if old.num_streams == self.plan.num_streams:
+            return (f"data: {old_world} ranks x {old_streams} streams -> {self.world_size} x {streams}: every stream "
+                    "goes on where it was")
+        carried = [c for cursor in planned for c in cursor.carried]
+        epochs = sorted({c.epoch for c in carried})
+        return (f"data: {old_world} ranks x {old_streams} streams -> {self.world_size} x {streams}: "
+                f"{len(carried)} unfinished shard groups of epoch(s) {epochs} dealt to the new streams, "
+                f"then epoch {planned[0].epoch}")

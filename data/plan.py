@@ -12,13 +12,36 @@ So where a stream is is fully described by a Cursor (epoch, group, samples emitt
 and a stream restarted from a cursor re-reads the group's tars up to that point without decoding
 anything (only the tar bytes and the json are read) and continues exactly as before.
 Streams are endless: after the last group of epoch e comes epoch e + 1.
+
+A run resumed on another number of streams (another world size) cannot map the old streams onto the
+new ones, since the split of every epoch depends on the stream count. `replan` hands out what the old
+streams had left of their epochs instead: every unread or partly read group, as `Carried` (the old
+plan's stream count, epoch, stream and group, and how far it was read), dealt round-robin to the new
+streams. A new stream reads its carried groups first, each exactly as the old stream would have (same
+shards, same shuffle, same per-sample randomness, the read part skipped), then its own plan from the
+epoch after the furthest any old stream had reached. So every sample of an interrupted epoch is still
+seen once, whatever the world size does. A Cursor with carried groups describes such a stream.
 """
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+
+@dataclass(frozen=True)
+class Carried:
+    """One group of another plan, to be read before the stream's own: the group `group` of stream `stream`
+    in `epoch` of a plan with `num_streams` streams, of which the first `offset` samples were read."""
+    num_streams: int
+    epoch: int
+    stream: int
+    group: int
+    offset: int = 0
+
+    def to_list(self) -> list[int]:
+        return [self.num_streams, self.epoch, self.stream, self.group, self.offset]
 
 
 @dataclass(frozen=True)
@@ -26,14 +49,24 @@ class Cursor:
     epoch: int = 0
     group: int = 0
     offset: int = 0  # samples emitted from this group before the position
+    # Groups of another plan still to read, the first one under way; the own plan starts at
+    # (epoch, group, offset) once they are done.
+    carried: tuple[Carried, ...] = ()
 
-    def to_list(self) -> list[int]:
-        return [self.epoch, self.group, self.offset]
+    @property
+    def item_epoch(self) -> int:
+        """The epoch of the sample just read (its per-sample randomness is seeded with it)."""
+        return self.carried[0].epoch if self.carried else self.epoch
+
+    def to_list(self) -> list:
+        own = [self.epoch, self.group, self.offset]
+        return own + [[c.to_list() for c in self.carried]] if self.carried else own
 
     @classmethod
-    def from_list(cls, values: list[int]) -> "Cursor":
-        epoch, group, offset = (int(v) for v in values)
-        return cls(epoch, group, offset)
+    def from_list(cls, values: list) -> "Cursor":
+        epoch, group, offset = (int(v) for v in values[:3])
+        carried = tuple(Carried(*(int(v) for v in c)) for c in values[3]) if len(values) > 3 else ()
+        return cls(epoch, group, offset, carried)
 
 
 @dataclass(frozen=True)
@@ -60,8 +93,10 @@ class ShardPlan:
         random.Random(f"shards/{self.seed}/{epoch}").shuffle(order)
         return order
 
-    def stream_groups(self, epoch: int, global_stream: int) -> list[list[int]]:
-        shards = self.epoch_order(epoch)[global_stream::self.num_streams]
+    def stream_groups(self, epoch: int, global_stream: int, num_streams: int | None = None) -> list[list[int]]:
+        """The groups of `global_stream` in `epoch`; `num_streams` reads them for a plan of another stream
+        count (carried groups), with the same shards, seed and group size."""
+        shards = self.epoch_order(epoch)[global_stream::num_streams or self.num_streams]
         k = self.shards_per_group
         return [shards[i:i + k] for i in range(0, len(shards), k)]
 
@@ -99,36 +134,83 @@ def mix_and_shuffle(rng: random.Random, sources: list[Iterator[Any]], buffer_siz
 
 def stream_items(plan: ShardPlan, global_stream: int, start: Cursor, buffer_size: int,
                  read_shard: Callable[[int, int], Iterator[Any]],
-                 at_start: Callable[[bool], None],
+                 replay: Callable[[str], None],
                  group_end: Callable[[list[int]], None]) -> Iterator[tuple[Cursor, Any]]:
-    """Endless (cursor after the item, item) of one stream, from `start`. `read_shard(epoch, shard)`
-    gives a shard's items; `at_start(True)` is called once the stream stands exactly at `start` (after
-    the fast-forward), so that side effects of the replayed reads (skip counts) can be discarded;
-    `at_start(False)` if the data changed and `start` no longer exists (the stream then goes on
-    from the next group). `group_end(shards)` follows the last item of each group, once the consumer
-    has handled it (and so can tell whether the group gave anything usable)."""
+    """Endless (cursor after the item, item) of one stream, from `start`: its carried groups, then its own
+    plan. `read_shard(epoch, shard)` gives a shard's items. Where a group was partly read before, its
+    first items are read again without being yielded, between `replay("begin")` and `replay("exact")`, so
+    that side effects of those reads (skip counts) can be discarded; `replay("short")` instead if the group
+    gives fewer items than before (the data changed: the stream goes on with the next group).
+    `group_end(shards)` follows the last item of each group, once the consumer has handled it (and so can
+    tell whether the group gave anything usable)."""
+    for i, carried in enumerate(start.carried):
+        rest = start.carried[i + 1:]
+
+        def after(emitted: int, carried=carried, rest=rest) -> Cursor:
+            return replace(start, carried=(replace(carried, offset=emitted), *rest))
+
+        shards = plan.stream_groups(carried.epoch, carried.stream, carried.num_streams)[carried.group]
+        yield from _group_items(plan, carried.epoch, carried.stream, carried.group, shards, carried.offset,
+                                buffer_size, read_shard, replay, after)
+        group_end(shards)
     epoch, group, skip = start.epoch, start.group, start.offset
-    if skip == 0:
-        at_start(True)
     while True:
         groups = plan.stream_groups(epoch, global_stream)
         while group < len(groups):
-            rng = random.Random(f"mix/{plan.seed}/{epoch}/{global_stream}/{group}")
-            items = mix_and_shuffle(rng, [read_shard(epoch, shard) for shard in groups[group]], buffer_size)
-            emitted = 0
-            for item in items:
-                emitted += 1
-                if emitted < skip:
-                    continue
-                if emitted == skip:
-                    at_start(True)
-                    continue
-                yield Cursor(epoch, group, emitted), item
-            if emitted < skip:
-                # The group gave fewer samples than when the state was saved (a shard that was
-                # readable then is not now): go on from the next group rather than stop training.
-                at_start(False)
+            yield from _group_items(plan, epoch, global_stream, group, groups[group], skip, buffer_size, read_shard,
+                                    replay, lambda emitted, e=epoch, g=group: Cursor(e, g, emitted))
             group_end(groups[group])
             skip = 0
             group += 1
         epoch, group = epoch + 1, 0
+
+
+def _group_items(plan: ShardPlan, epoch: int, stream: int, group: int, shards: list[int], skip: int,
+                 buffer_size: int, read_shard, replay, cursor_after) -> Iterator[tuple[Cursor, Any]]:
+    """One group's items in its shuffled order, the first `skip` read again but not yielded."""
+    rng = random.Random(f"mix/{plan.seed}/{epoch}/{stream}/{group}")
+    items = mix_and_shuffle(rng, [read_shard(epoch, shard) for shard in shards], buffer_size)
+    if skip:
+        replay("begin")
+    emitted = 0
+    for item in items:
+        emitted += 1
+        if emitted < skip:
+            continue
+        if emitted == skip:
+            replay("exact")
+            continue
+        yield cursor_after(emitted), item
+    if emitted < skip:
+        # The group gave fewer samples than when the state was saved (a shard that was
+        # readable then is not now): go on from the next group rather than stop training.
+        replay("short")
+
+
+def replan(old: ShardPlan, cursors: list[Cursor], new: ShardPlan) -> list[Cursor]:
+    """Start cursors for every stream of `new` (by global stream) that go on from `cursors`, the positions
+    of every stream of `old`: each old stream's unread groups of its current epoch (and the groups it had
+    itself carried) are dealt round-robin to the new streams, which then begin their own plan at the
+    epoch after the furthest any old stream had begun. The same stream count keeps every stream as it
+    was (the same order of samples as a run that never stopped)."""
+    if len(cursors) != old.num_streams:
+        raise ValueError(f"{len(cursors)} cursors for a plan of {old.num_streams} streams")
+    if (old.num_shards, old.seed, old.shards_per_group) != (new.num_shards, new.seed, new.shards_per_group):
+        raise ValueError("replan keeps the shards, the seed and the group size; only the stream count may change")
+    if new.num_streams == old.num_streams:
+        return list(cursors)
+    left: list[Carried] = []
+    next_epoch = 0
+    for stream, cursor in enumerate(cursors):
+        left.extend(cursor.carried)
+        if cursor.carried:  # the own plan has not begun: it starts at cursor.epoch
+            next_epoch = max(next_epoch, cursor.epoch)
+            continue
+        groups = old.stream_groups(cursor.epoch, stream)
+        left.extend(Carried(old.num_streams, cursor.epoch, stream, g, cursor.offset if g == cursor.group else 0)
+                    for g in range(cursor.group, len(groups)))
+        next_epoch = max(next_epoch, cursor.epoch + 1)
+    # Interleave the old streams (group k of every stream before group k + 1) so that each new stream
+    # gets a mix of them, and read partly read groups first.
+    left.sort(key=lambda c: (c.offset == 0, c.epoch, c.group, c.num_streams, c.stream))
+    return [Cursor(next_epoch, 0, 0, tuple(left[s::new.num_streams])) for s in range(new.num_streams)]
