@@ -4,16 +4,23 @@ A checkpoint is a dict of stateful things, split by who owns them:
   step-N/engine/      model + optimiser + LR schedule, sharded by the backend (DCP or DeepSpeed)
   step-N/rank-R.pt    this rank's EMA tensors (shards under FSDP2), RNG states and loader position
   step-N/meta.json    step, samples seen, W&B run id, counters, world size, layout of the EMA
+
+Resuming on another number of ranks: the engine's load reshards model and optimiser (DCP does; DeepSpeed's
+ZeRO partitions cannot, and are refused), `SavedRanks.load_all` gives every old rank's file, `whole_ema`
+puts the EMA pieces back together (the trainer cuts them anew), and the loader deals out what the old
+ranks had left of the data (data/plan.py, `replan`).
 The folder is written as `step-N.tmp`, renamed when every rank has finished, and only then does
 `latest` (a text file, replaced atomically) point at it: a crash mid-save leaves the previous
 checkpoint as the latest valid one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +72,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def resized_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of a rank's random streams after a resume on another world size: the old ranks' streams have
+    no counterpart, so each (run seed, step, rank) begins a new one, the same however often it is resumed."""
+    return int.from_bytes(hashlib.sha256(f"resized/{seed}/{step}/{rank}".encode()).digest()[:8], "little") >> 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def save_checkpoint(ckpt_dir: Path, state: TrainState, engine, rank_state: dict, rank: int, world_size: int,
                     keep_last: int) -> Path:
     """Every rank calls this. Returns the final folder."""
@@ -80,7 +99,8 @@ def save_checkpoint(ckpt_dir: Path, state: TrainState, engine, rank_state: dict,
     if rank == 0:
         meta = {"step": state.step, "samples_seen": state.samples_seen, "wandb_run_id": state.wandb_run_id,
                 "nonfinite_skipped": state.nonfinite_skipped, "nonfinite_in_a_row": state.nonfinite_in_a_row,
-                "last_loss": state.last_loss, "world_size": world_size, "extra": state.extra}
+                "last_loss": state.last_loss, "world_size": world_size, "ema_layout": engine.ema_layout,
+                "extra": state.extra}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -99,16 +119,65 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, engine, rank: int, world_size: int) -> tuple[TrainState, dict]:
+@dataclass(frozen=True)
+class SavedRanks:
+    """The per-rank files of a checkpoint (EMA, RNG states, loader position)."""
+    path: Path
+    world_size: int
+    ema_layout: str  # Engine.ema_layout of the run that wrote them
+
+    def load(self, rank: int, mmap: bool = False) -> dict:
+        return torch.load(self.path / f"rank-{rank}.pt", map_location="cpu", weights_only=False, mmap=mmap)
+
+    def load_all(self) -> list[dict]:
+        """Every rank's, memory-mapped: a tensor is read only when used (under DDP each file holds a
+        whole EMA, of which one is needed)."""
+        return [self.load(rank, mmap=True) for rank in range(self.world_size)]
+
+
+class _WholeEMA(Mapping):
+    """Full EMA tensors, each put together from the ranks' pieces when it is looked up."""
+
+    def __init__(self, shadows: list[dict[str, torch.Tensor]], layout: str):
+        if layout not in ("replicated", "dim0"):
+            raise ValueError(f"cannot put together an EMA saved in layout {layout!r}")
+        self.shadows, self.layout = shadows, layout
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self.layout == "replicated":
+            return self.shadows[0][name]
+        return torch.cat([shadow[name] for shadow in self.shadows])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shadows[0])
+
+    def __len__(self) -> int:
+        return len(self.shadows[0])
+
+
+def whole_ema(shadows: list[dict[str, torch.Tensor]], layout: str) -> Mapping[str, torch.Tensor]:
+    """The full EMA from every rank's saved shadow (rank order), lazily: one tensor in memory at a time."""
+    return _WholeEMA(shadows, layout)
+
+
+def load_checkpoint(path: Path, engine, world_size: int) -> tuple[TrainState, SavedRanks]:
+    """Loads model, optimiser and LR schedule into the engine (resharded if the world size changed, where
+    the backend can) and returns the run's state and the checkpoint's per-rank files."""
     meta = json.loads((path / "meta.json").read_text())
-    if meta["world_size"] != world_size:
-        raise RuntimeError(
-            f"{path} was written by {meta['world_size']} ranks, this run has {world_size}. The EMA shards and the "
-            "loader position are per rank: resume with the same world size, or start a new stage from its "
-            "export (stage.init.from_checkpoint=<run.dir>/export).")
+    saved = SavedRanks(path, meta["world_size"], meta.get("ema_layout", "unknown"))
+    if saved.world_size != world_size:
+        if not engine.resizable:
+            raise RuntimeError(
+                f"{path} was written by {saved.world_size} ranks, this run has {world_size}: "
+                f"{type(engine).__name__} keeps one ZeRO partition per rank and loads them only on as many ranks. "
+                f"Resume with {saved.world_size} ranks, or start a new stage from its export "
+                "(stage.init.from_checkpoint=<run.dir>/export); backend=fsdp and ddp resume on any number of ranks.")
+        if saved.ema_layout == "unknown":
+            raise RuntimeError(f"{path} was written by {saved.world_size} ranks, this run has {world_size}, and it "
+                               "predates resuming on another world size (its meta.json has no ema_layout): resume "
+                               f"with {saved.world_size} ranks")
     engine.load(path / "engine")
-    rank_state = torch.load(path / f"rank-{rank}.pt", map_location="cpu", weights_only=False)
     state = TrainState(step=meta["step"], samples_seen=meta["samples_seen"], wandb_run_id=meta["wandb_run_id"],
                        nonfinite_skipped=meta["nonfinite_skipped"], nonfinite_in_a_row=meta["nonfinite_in_a_row"],
                        last_loss=meta["last_loss"], extra=meta.get("extra", {}))
-    return state, rank_state
+    return state, saved

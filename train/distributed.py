@@ -33,7 +33,8 @@ def _slurm_to_torchrun_env() -> None:
 
 
 def init_distributed(device_type: str, timeout_s: int = 1800) -> DistEnv:
-    """Initialise the default process group (gloo on CPU, NCCL on CUDA); single process without one."""
+    """Initialise the default process group (gloo on CPU, NCCL on CUDA) when started by torchrun or srun;
+    a process started on its own runs without one."""
     _slurm_to_torchrun_env()
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -46,7 +47,9 @@ def init_distributed(device_type: str, timeout_s: int = 1800) -> DistEnv:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    # A launcher's single process gets a group too: FSDP2 and DeepSpeed need one whatever the world size
+    # (a run resumed on one GPU, say); a plain `python -m train` runs without.
+    if (world > 1 or "RANK" in os.environ) and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         backend = "nccl" if device.type == "cuda" else "gloo"

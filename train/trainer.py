@@ -108,7 +108,14 @@ class Trainer:
         latest = ckpt.latest_checkpoint(self.ckpt_dir)
         if latest is None:
             return None
-        self.state, rank_state = ckpt.load_checkpoint(latest, self.engine, self.env.rank, self.env.world_size)
+        self.state, saved = ckpt.load_checkpoint(latest, self.engine, self.env.world_size)
+        if saved.world_size != self.env.world_size:
+            data = self._resume_resized(saved)
+            if self.env.is_main:
+                print(f"resumed from {latest} (written by {saved.world_size} ranks) at step {self.state.step}; {data}",
+                      flush=True)
+            return latest
+        rank_state = saved.load(self.env.rank)
         if self.ema is not None:
             self.ema.load_state_dict(rank_state["ema"])
         self.generator.set_state(rank_state["generator"])
@@ -117,6 +124,24 @@ class Trainer:
         if self.env.is_main:
             print(f"resumed from {latest} at step {self.state.step}", flush=True)
         return latest
+
+    def _resume_resized(self, saved: ckpt.SavedRanks) -> str:
+        """The rest of a resume on another world size (the engine's load resharded model and optimiser):
+        the EMA put together from the old ranks' pieces and cut for this rank, the data going on with what
+        the old ranks had left, and the random streams begun afresh from (seed, step, rank), as the old
+        ranks' streams have no counterpart here. Returns the loader's line for the log."""
+        states = saved.load_all()
+        if self.ema is not None:
+            if states[0]["ema"] is None:
+                raise RuntimeError(f"{saved.path} has no EMA (it was trained with ema.enabled=false)")
+            whole = ckpt.whole_ema([s["ema"]["shadow"] for s in states], saved.ema_layout)
+            self.ema.load_state_dict({"num_updates": states[0]["ema"]["num_updates"],
+                                      "max_decay": states[0]["ema"]["max_decay"],
+                                      "shadow": shard_like(whole, self.engine.named_trainable())})
+        seed = ckpt.resized_seed(self.cfg.run.seed, self.state.step, self.env.rank)
+        self.generator.manual_seed(seed)
+        ckpt.seed_everything(seed)
+        return self.loader.load_state_dicts([s["loader"] for s in states])
 
     def save(self) -> Path:
         return ckpt.save_checkpoint(self.ckpt_dir, self.state, self.engine, self._rank_state(), self.env.rank,

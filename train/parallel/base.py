@@ -49,6 +49,13 @@ class Engine(ABC):
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
+    # How named_trainable() cuts each tensor across the ranks, and so how a checkpoint's EMA pieces go
+    # back together: "replicated" (every rank holds it whole) or "dim0" (rank r holds the r-th
+    # torch.chunk along dim 0).
+    ema_layout = "replicated"
+    # Whether load() takes a checkpoint written by another number of ranks.
+    resizable = True
+
     def __init__(self, cfg, env, accumulation: int):
         self.cfg, self.env, self.accumulation = cfg, env, accumulation
         self.dtype = DTYPES[cfg.parallel.precision]

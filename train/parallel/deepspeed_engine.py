@@ -53,6 +53,10 @@ def deepspeed_config(cfg, world_size: int, accumulation: int) -> dict:
 
 
 class DeepSpeedEngine(Engine):
+    # Its checkpoints hold one ZeRO partition of the optimiser (and under ZeRO-3 of the weights) per rank,
+    # loadable only by as many ranks (other counts need DeepSpeed's offline universal-checkpoint conversion).
+    resizable = False
+
     def __init__(self, cfg, unet, env, accumulation: int, lr_offset: int = 0):
         super().__init__(cfg, env, accumulation)
         deepspeed = _import_deepspeed()

@@ -32,6 +32,8 @@ def parallelize_unet(unet, device_type: str, world_size: int, param_dtype: torch
 
 
 class FSDPEngine(TorchEngine):
+    ema_layout = "dim0"  # fully_shard's Shard(0)
+
     def __init__(self, cfg, unet, env, accumulation: int, lr_offset: int = 0):
         super().__init__(cfg, env, accumulation)
         if not torch.distributed.is_initialized():
