@@ -350,7 +350,7 @@ class ShardLoader:
             raise ValueError(f"load_state_dicts needs the states of every rank of one run, each once: got (rank, "
                              f"world_size, streams_per_rank) = {ranks}")
         old_streams = ranks[0][2]
-        cursors = [Cursor.from_list(c) for s in sorted(states, key=lambda s: s["rank"]) for c in s["cursors"]]
+        cursors = [Cursor.from_list(c) for s in sorted(states, key=lambda s: int(s["rank"])) for c in s["cursors"]]
         old = ShardPlan(len(self.urls), self.config.seed, old_world, old_streams, self.config.shards_per_group)
         streams = self.config.streams_per_rank or max(1, self.config.num_workers)
         keep = old.num_streams // self.world_size
@@ -361,7 +361,8 @@ class ShardLoader:
         planned = replan(old, cursors, self.plan)
         self._cursors = planned[self.rank * streams:(self.rank + 1) * streams]
         # The skip counts are per rank (rank 0's are logged): rank r goes on from old rank r's.
-        saved = states[self.rank]["skip_counts"] if self.rank < old_world else {}
+        by_rank = {int(s["rank"]): s for s in states}
+        saved = by_rank[self.rank]["skip_counts"] if self.rank < old_world else {}
         self._skips = Counter({k: int(v) for k, v in saved.items()})
         if old.num_streams == self.plan.num_streams:
             return (f"data: {old_world} ranks x {old_streams} streams -> {self.world_size} x {streams}: every stream "
