@@ -3,6 +3,7 @@ carry over exactly, the data goes on with what the old ranks had left, and it ca
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ def _assert_equal(a: dict, b: dict) -> None:
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP read by one in-process DDP rank
 @pytest.mark.parametrize("backend", ["fsdp", "ddp"])
 def test_resume_on_another_world_size(tmp_path, shards, backend):
     straight = tmp_path / "straight"
@@ -38,6 +40,7 @@ def test_resume_on_another_world_size(tmp_path, shards, backend):
     assert "(written by 2 ranks) at step 3" in proc.stdout
     assert "unfinished shard groups of epoch(s) [0] dealt to the new streams" in proc.stdout
     _assert_equal(exported_unet(straight), exported_unet(broken))
+    _assert_optimizer_resumed(tmp_path, shards, broken, backend)
     if backend == "ddp":
         return
 
@@ -52,6 +55,30 @@ def test_resume_on_another_world_size(tmp_path, shards, backend):
     got = status(broken)
     assert got["state"] == "finished" and got["step"] == 8 and got["loss"] == pytest.approx(got["loss"])
     assert got["samples_seen"] == 8 * 12
+
+
+def _assert_optimizer_resumed(tmp_path, shards, run_dir, backend):
+    """The 2-rank checkpoint resumed by one in-process rank: Adam's moments and step counts are those in the
+    checkpoint's files, read by DCP's own offline converter."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from train_helpers import in_process_trainer, one_rank_group
+
+    dcp_to_torch_save(run_dir / "checkpoints" / "step-3" / "engine", tmp_path / "engine.pt")
+    saved = torch.load(tmp_path / "engine.pt", weights_only=False)["optim"]["state"]
+    copy = tmp_path / "in_process"
+    shutil.copytree(run_dir, copy / "run")
+    with one_rank_group(backend):
+        trainer = in_process_trainer(copy, shards.split("=", 1)[1].strip("'"), "parallel.precision=fp32",
+                                     f"backend={backend}")
+        assert trainer.state.step == 3
+        state = get_optimizer_state_dict(trainer.engine.unet, trainer.engine.optimizer)["state"]
+    assert state.keys() == saved.keys() and len(state) > 100
+    for name, moments in state.items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            value = moments[key].full_tensor() if hasattr(moments[key], "full_tensor") else moments[key]
+            assert torch.equal(value, saved[name][key]), (name, key)
 
 
 class _ZeroEngine:
