@@ -339,8 +339,10 @@ class ShardLoader:
         """Go on from the saved states of *every* rank of a run with another world size (or stream count):
         the groups they had left of their epochs are dealt to this run's streams (data.plan.replan), so no
         sample of the interrupted epochs is skipped or repeated; the order of samples is a new one, unless
-        the total number of streams is unchanged and divides evenly, which keeps every stream as it was.
-        Returns a line for the log saying what was carried over."""
+        the total number of streams is unchanged and divides evenly, which keeps every stream as it was
+        (each reads next what it would have; a rank's round of its streams starts again at its first).
+        Skip counts go on per rank: rank r continues old rank r's (those of old ranks beyond the new world
+        size are not carried). Returns a line for the log saying what was carried over."""
         for state in states:
             self._check_state(state)
         old_world = len(states)

@@ -14,13 +14,15 @@ anything (only the tar bytes and the json are read) and continues exactly as bef
 Streams are endless: after the last group of epoch e comes epoch e + 1.
 
 A run resumed on another number of streams (another world size) cannot map the old streams onto the
-new ones, since the split of every epoch depends on the stream count. `replan` hands out what the old
-streams had left of their epochs instead: every unread or partly read group, as `Carried` (the old
+new ones, since the split of every epoch depends on the stream count. The new streams begin their own
+plan at the epoch after the furthest any old stream had begun, and `replan` hands out what the old
+streams had not read of the epochs before it (the rest of their current epoch; a stream that lagged an
+epoch behind, its share of the next one too): every unread or partly read group, as `Carried` (the old
 plan's stream count, epoch, stream and group, and how far it was read), dealt round-robin to the new
 streams. A new stream reads its carried groups first, each exactly as the old stream would have (same
-shards, same shuffle, same per-sample randomness, the read part skipped), then its own plan from the
-epoch after the furthest any old stream had reached. So every sample of an interrupted epoch is still
-seen once, whatever the world size does. A Cursor with carried groups describes such a stream.
+shards, same shuffle, same per-sample randomness, the read part skipped), then its own plan. So every
+sample of an interrupted epoch is still seen once, whatever the world size does. A Cursor with carried
+groups describes such a stream.
 """
 from __future__ import annotations
 
@@ -197,27 +199,28 @@ def _group_items(plan: ShardPlan, epoch: int, stream: int, group: int, shards: l
 
 def replan(old: ShardPlan, cursors: list[Cursor], new: ShardPlan) -> list[Cursor]:
     """Start cursors for every stream of `new` (by global stream) that go on from `cursors`, the positions
-    of every stream of `old`: each old stream's unread groups of its current epoch (and the groups it had
-    itself carried) are dealt round-robin to the new streams, which then begin their own plan at the
-    epoch after the furthest any old stream had begun. The same stream count keeps every stream as it
-    was (the same order of samples as a run that never stopped)."""
+    of every stream of `old`. The new streams begin their own plan at the epoch after the furthest any old
+    stream had begun; whatever the old streams had not read of the epochs before it (the rest of their
+    current one, whole epochs for a stream that lagged behind, the groups they had themselves carried) is
+    dealt round-robin to the new streams, which read it first. The same stream count keeps every stream
+    as it was: each goes on with the samples it would have read next."""
     if len(cursors) != old.num_streams:
         raise ValueError(f"{len(cursors)} cursors for a plan of {old.num_streams} streams")
     if (old.num_shards, old.seed, old.shards_per_group) != (new.num_shards, new.seed, new.shards_per_group):
         raise ValueError("replan keeps the shards, the seed and the group size; only the stream count may change")
     if new.num_streams == old.num_streams:
         return list(cursors)
+    # An old stream has begun the epoch of its own position, unless it is still reading carried groups.
+    next_epoch = max(c.epoch + (0 if c.carried else 1) for c in cursors)
     left: list[Carried] = []
-    next_epoch = 0
     for stream, cursor in enumerate(cursors):
         left.extend(cursor.carried)
-        if cursor.carried:  # the own plan has not begun: it starts at cursor.epoch
-            next_epoch = max(next_epoch, cursor.epoch)
-            continue
-        groups = old.stream_groups(cursor.epoch, stream)
-        left.extend(Carried(old.num_streams, cursor.epoch, stream, g, cursor.offset if g == cursor.group else 0)
-                    for g in range(cursor.group, len(groups)))
-        next_epoch = max(next_epoch, cursor.epoch + 1)
+        epoch, first, offset = cursor.epoch, cursor.group, cursor.offset
+        while epoch < next_epoch:
+            groups = old.stream_groups(epoch, stream)
+            left.extend(Carried(old.num_streams, epoch, stream, g, offset if g == first else 0)
+                        for g in range(first, len(groups)))
+            epoch, first, offset = epoch + 1, 0, 0
     # Interleave the old streams (group k of every stream before group k + 1) so that each new stream
     # gets a mix of them, and read partly read groups first.
     left.sort(key=lambda c: (c.offset == 0, c.epoch, c.group, c.num_streams, c.stream))

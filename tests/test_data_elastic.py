@@ -101,7 +101,7 @@ def test_a_second_change_of_world_size_during_the_carried_part():
     middle = plan(3)
     starts = replan(old, cursors, middle)
     cursors2, during = run_streams(middle, [5, 1, 8], starts)
-    assert all(c.carried for c in cursors2)
+    assert all(c.carried for c in cursors2)  # (some streams on their own plan: the test below)
     last = plan(2)
     starts2 = replan(middle, cursors2, last)
     after = [carried_part(last, h, starts2[h])[0] for h in range(2)]
@@ -111,13 +111,45 @@ def test_a_second_change_of_world_size_during_the_carried_part():
     assert [Cursor.from_list(json.loads(json.dumps(c.to_list()))) for c in starts2] == starts2
 
 
-def test_streams_in_different_epochs_carry_their_own_rest():
+def by_epoch(*reads) -> dict[int, list]:
+    """Items read, by the epoch they were read in (a carried group's own epoch)."""
+    out: dict[int, list] = {}
+    for got in reads:
+        for cursor, item in got:
+            out.setdefault(cursor.item_epoch, []).append(item)
+    return {e: sorted(items) for e, items in out.items()}
+
+
+def carried_size(p, cursor) -> int:
+    return sum(sum(SIZES[s] for s in p.stream_groups(c.epoch, c.stream, c.num_streams)[c.group]) - c.offset
+               for c in cursor.carried)
+
+
+def test_a_stream_an_epoch_behind_carries_that_epoch_too():
     old = plan(2)
     epoch0_of_stream0 = sum(SIZES[s] for group in old.stream_groups(0, 0) for s in group)
-    cursors, _ = run_streams(old, [epoch0_of_stream0 + 3, 4])
+    cursors, before = run_streams(old, [epoch0_of_stream0 + 3, 4])
     assert (cursors[0].epoch, cursors[1].epoch) == (1, 0)
-    starts = replan(old, cursors, plan(3))
-    assert {c.epoch for s in starts for c in s.carried} == {0, 1} and {s.epoch for s in starts} == {2}
+    new = plan(3)
+    starts = replan(old, cursors, new)
+    assert {s.epoch for s in starts} == {2}
+    after = [carried_part(new, h, starts[h])[0] for h in range(3)]
+    assert by_epoch(*before, *after) == {0: epoch_items(old, 0), 1: epoch_items(old, 1)}
+
+
+def test_a_second_change_while_some_streams_read_their_own_plan():
+    old = plan(4)
+    cursors, before = run_streams(old, [7, 2, 9, 4])
+    middle = plan(3)
+    starts = replan(old, cursors, middle)
+    # Stream 0 finishes its carried groups and reads 5 of its own epoch 1; the others are still carrying.
+    cursors2, during = run_streams(middle, [carried_size(middle, starts[0]) + 5, 1, 3], starts)
+    assert not cursors2[0].carried and cursors2[0].epoch == 1 and all(c.carried for c in cursors2[1:])
+    last = plan(2)
+    starts2 = replan(middle, cursors2, last)
+    assert {s.epoch for s in starts2} == {2}
+    after = [carried_part(last, h, starts2[h])[0] for h in range(2)]
+    assert by_epoch(*before, *during, *after) == {0: epoch_items(old, 0), 1: epoch_items(old, 1)}
 
 
 def test_the_same_stream_count_keeps_every_stream():

@@ -72,10 +72,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def resized_seed(seed: int, step: int, rank: int) -> int:
-    """The seed of a rank's random streams after a resume on another world size: the old ranks' streams have
-    no counterpart, so each (run seed, step, rank) begins a new one, the same however often it is resumed."""
-    return int.from_bytes(hashlib.sha256(f"resized/{seed}/{step}/{rank}".encode()).digest()[:8], "little") >> 1
+def resized_seed(seed: int, step: int, rank: int, stream: str) -> int:
+    """The seed of one of a rank's random streams ("noise", "global") after a resume on another world size:
+    the old ranks' streams have no counterpart, so each (run seed, step, rank, stream) begins a new one, the
+    same however often it is resumed, and no two streams alike."""
+    key = f"resized/{seed}/{step}/{rank}/{stream}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
 
 
 def seed_everything(seed: int) -> None:
@@ -99,8 +101,8 @@ def save_checkpoint(ckpt_dir: Path, state: TrainState, engine, rank_state: dict,
     if rank == 0:
         meta = {"step": state.step, "samples_seen": state.samples_seen, "wandb_run_id": state.wandb_run_id,
                 "nonfinite_skipped": state.nonfinite_skipped, "nonfinite_in_a_row": state.nonfinite_in_a_row,
-                "last_loss": state.last_loss, "world_size": world_size, "ema_layout": engine.ema_layout,
-                "extra": state.extra}
+                "last_loss": state.last_loss, "world_size": world_size, "engine": type(engine).__name__,
+                "resizable": engine.resizable, "ema_layout": engine.ema_layout, "extra": state.extra}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -165,17 +167,14 @@ def load_checkpoint(path: Path, engine, world_size: int) -> tuple[TrainState, Sa
     the backend can) and returns the run's state and the checkpoint's per-rank files."""
     meta = json.loads((path / "meta.json").read_text())
     saved = SavedRanks(path, meta["world_size"], meta.get("ema_layout", "unknown"))
-    if saved.world_size != world_size:
-        if not engine.resizable:
-            raise RuntimeError(
-                f"{path} was written by {saved.world_size} ranks, this run has {world_size}: "
-                f"{type(engine).__name__} keeps one ZeRO partition per rank and loads them only on as many ranks. "
-                f"Resume with {saved.world_size} ranks, or start a new stage from its export "
-                "(stage.init.from_checkpoint=<run.dir>/export); backend=fsdp and ddp resume on any number of ranks.")
-        if saved.ema_layout == "unknown":
-            raise RuntimeError(f"{path} was written by {saved.world_size} ranks, this run has {world_size}, and it "
-                               "predates resuming on another world size (its meta.json has no ema_layout): resume "
-                               f"with {saved.world_size} ranks")
+    if saved.world_size != world_size and not (meta.get("resizable") and engine.resizable):
+        writer = meta.get("engine", "a version from before resizing")
+        raise RuntimeError(
+            f"{path} was written by {saved.world_size} ranks ({writer}), this run has {world_size} "
+            f"({type(engine).__name__}): only DDP and FSDP2 checkpoints resume on another number of ranks, and "
+            "only into DDP or FSDP2 (DeepSpeed keeps one ZeRO partition per rank and loads them only on as many "
+            f"ranks). Resume with {saved.world_size} ranks, or start a new stage from its export "
+            "(stage.init.from_checkpoint=<run.dir>/export).")
     engine.load(path / "engine")
     state = TrainState(step=meta["step"], samples_seen=meta["samples_seen"], wandb_run_id=meta["wandb_run_id"],
                        nonfinite_skipped=meta["nonfinite_skipped"], nonfinite_in_a_row=meta["nonfinite_in_a_row"],

@@ -32,9 +32,10 @@ def _slurm_to_torchrun_env() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
-def init_distributed(device_type: str, timeout_s: int = 1800) -> DistEnv:
-    """Initialise the default process group (gloo on CPU, NCCL on CUDA) when started by torchrun or srun;
-    a process started on its own runs without one."""
+def init_distributed(device_type: str, timeout_s: int = 1800, single_needs_group: bool = False) -> DistEnv:
+    """Initialise the default process group (gloo on CPU, NCCL on CUDA) for more than one process. One
+    process runs without, unless `single_needs_group` (FSDP2 shards over a mesh even of one rank: a run
+    resumed on one GPU, say): it then gets a group of its own, with no rendezvous and no port."""
     _slurm_to_torchrun_env()
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -47,13 +48,14 @@ def init_distributed(device_type: str, timeout_s: int = 1800) -> DistEnv:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    # A launcher's single process gets a group too: FSDP2 and DeepSpeed need one whatever the world size
-    # (a run resumed on one GPU, say); a plain `python -m train` runs without.
-    if (world > 1 or "RANK" in os.environ) and not dist.is_initialized():
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if world > 1 and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-        backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
+                                **({"device_id": device} if device.type == "cuda" else {}))
+    elif world == 1 and single_needs_group and not dist.is_initialized():
+        dist.init_process_group(backend, rank=0, world_size=1, store=dist.HashStore(),
                                 **({"device_id": device} if device.type == "cuda" else {}))
     return DistEnv(rank, world, local, device)
 

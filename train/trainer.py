@@ -138,9 +138,8 @@ class Trainer:
             self.ema.load_state_dict({"num_updates": states[0]["ema"]["num_updates"],
                                       "max_decay": states[0]["ema"]["max_decay"],
                                       "shadow": shard_like(whole, self.engine.named_trainable())})
-        seed = ckpt.resized_seed(self.cfg.run.seed, self.state.step, self.env.rank)
-        self.generator.manual_seed(seed)
-        ckpt.seed_everything(seed)
+        self.generator.manual_seed(ckpt.resized_seed(self.cfg.run.seed, self.state.step, self.env.rank, "noise"))
+        ckpt.seed_everything(ckpt.resized_seed(self.cfg.run.seed, self.state.step, self.env.rank, "global"))
         return self.loader.load_state_dicts([s["loader"] for s in states])
 
     def save(self) -> Path:
@@ -371,7 +370,7 @@ class Trainer:
 
 
 def run(cfg: TrainConfig, config_dict: dict) -> int:
-    env = init_distributed(cfg.cluster.device)
+    env = init_distributed(cfg.cluster.device, single_needs_group=cfg.backend == "fsdp")
     trainer = Trainer(cfg, env, config_dict)
     code = trainer.train()
     if env.is_main:

@@ -73,6 +73,7 @@ class DeepSpeedEngine(Engine):
         self.unet = unet
         self.module = self._forward_with_cast
         self.zero3 = cfg.parallel.zero_stage == 3
+        self.ema_layout = "zero3-flat" if self.zero3 else "replicated"  # the EMA is shaped like the partitions
 
     def autocast(self):
         return contextlib.nullcontext()  # DeepSpeed holds bf16/fp16 parameters itself; inputs are cast below
