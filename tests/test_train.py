@@ -278,3 +278,37 @@ def test_ema_once_per_micro_batch_as_lightning_did(tmp_path, shards):
         return sum((m.unet_ema[k] - weights[k]).abs().sum().item() for k in weights)
 
     assert distance(per_micro) < distance(per_step)
+
+
+@pytest.fixture(scope="module")
+def init_with_distinct_ema(tmp_path_factory, ddp_reference):
+    """The reference run's export with its EMA moved 0.1 away from the raw weights, so that a stage which
+    failed to carry the EMA over (and began it from the raw weights) would show."""
+    out = tmp_path_factory.mktemp("init") / "model.ckpt"
+    checkpoint = torch.load(ddp_reference / "export" / "model.ckpt", map_location="cpu", weights_only=True)
+    sd = checkpoint["state_dict"]
+    for key in [k for k in sd if k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates")]:
+        sd[key] = sd[key] + 0.1
+    torch.save(checkpoint, out)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["ddp", "fsdp", "deepspeed-3"])
+def test_stage_init_carries_the_ema_into_every_backend(tmp_path, shards, init_with_distinct_ema, backend):
+    """A stage starting from a checkpoint puts its EMA into each backend's layout (FSDP2 shards, ZeRO-3's flat
+    partitions: this crashed with a shape mismatch before). After one step the EMA is LitEma's first update
+    of it, computed here: decay (1 + 1) / (10 + 1), towards the raw weights the run exported."""
+    from models.configs import tiny
+    from models.stable_diffusion import load_ldm_checkpoint
+
+    name, _, zero = backend.partition("-")
+    run_dir = tmp_path / "run"
+    run_train(tmp_path, _overrides(shards, run_dir, f"backend={name}", "stage.steps=1",
+                                   f"stage.init.from_checkpoint={init_with_distinct_ema}",
+                                   *([f"parallel.zero_stage={zero}"] if zero else [])))
+    start = load_ldm_checkpoint(init_with_distinct_ema, tiny()).unet_ema
+    after = load_ldm_checkpoint(run_dir / "export" / "model.ckpt", tiny())
+    raw, decay = after.unet.state_dict(), 2 / 11
+    assert start.keys() == after.unet_ema.keys() == raw.keys()
+    worst = max((after.unet_ema[k] - (decay * start[k] + (1 - decay) * raw[k])).abs().max().item() for k in raw)
+    assert worst < 1e-5

@@ -68,20 +68,6 @@ def load_stage_init(cfg, sd_cfg, models) -> StageInit:
     return StageInit(ema=ema, ema_num_updates=ema_updates, step=int(src.global_step or 0) if init.step else 0)
 
 
-def shard_like(full: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cut full tensors into the local pieces this rank holds of `params` (whole tensors for replicas)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    out = {}
-    for name, p in params.items():
-        value = full[name].to(p.device, torch.float32)
-        if isinstance(p, DTensor):
-            # src_data_rank=None: every rank already has the full tensor, so no communication.
-            value = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None).to_local()
-        out[name] = value
-    return out
-
-
 def export_stage(trainer, out_dir: Path) -> Path | None:
     """All ranks call this (gathering shards is collective); rank 0 writes."""
     full = trainer.engine.full_state_dict()

@@ -20,7 +20,7 @@ from train import checkpoint as ckpt
 from train.config import TrainConfig, loader_config, validate
 from train.distributed import DistEnv, barrier, init_distributed
 from train.ema import EMA
-from train.export import export_stage, load_stage_init, shard_like
+from train.export import export_stage, load_stage_init
 from train.flops import (peak_tflops, text_encode_flops_per_caption, unet_train_flops_per_image,
                          vae_encode_flops_per_image)
 from train.parallel import build_engine
@@ -57,7 +57,7 @@ class Trainer:
             self.ema = EMA(self.engine.named_trainable(), cfg.ema.max_decay)
             if init.ema is not None:
                 self.ema.load_state_dict({"num_updates": init.ema_num_updates, "max_decay": cfg.ema.max_decay,
-                                          "shadow": shard_like(init.ema, self.engine.named_trainable())})
+                                          "shadow": self.engine.local_pieces(init.ema)})
         self.loader = ShardLoader(loader_config(cfg, pin_memory=env.device.type == "cuda"), env.rank,
                                   env.world_size)  # pinned: the step's copies to the GPU need not wait
         # Distinct diffusion noise per rank (and per stage), reproducible.
@@ -137,7 +137,7 @@ class Trainer:
             whole = ckpt.whole_ema([s["ema"]["shadow"] for s in states], saved.ema_layout)
             self.ema.load_state_dict({"num_updates": states[0]["ema"]["num_updates"],
                                       "max_decay": states[0]["ema"]["max_decay"],
-                                      "shadow": shard_like(whole, self.engine.named_trainable())})
+                                      "shadow": self.engine.local_pieces(whole)})
         self.generator.manual_seed(ckpt.resized_seed(self.cfg.run.seed, self.state.step, self.env.rank, "noise"))
         ckpt.seed_everything(ckpt.resized_seed(self.cfg.run.seed, self.state.step, self.env.rank, "global"))
         return self.loader.load_state_dicts([s["loader"] for s in states])

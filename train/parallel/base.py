@@ -80,6 +80,20 @@ class Engine(ABC):
     def named_trainable(self) -> dict[str, torch.Tensor]:
         """This rank's trainable tensors (full or local shards) with the UNet's parameter names."""
 
+    def local_pieces(self, full) -> dict[str, torch.Tensor]:
+        """Full tensors (a mapping by parameter name: an export's EMA, one put together from a checkpoint)
+        cut into what this rank holds of each, shaped like `named_trainable()`, in fp32."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        out = {}
+        for name, p in self.named_trainable().items():
+            value = full[name].to(p.device, torch.float32)
+            if isinstance(p, DTensor):
+                # src_data_rank=None: every rank already has the full tensor, so no communication.
+                value = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            out[name] = value
+        return out
+
     @contextlib.contextmanager
     def weights_edited(self):
         """Around an edit of `named_trainable()` in place, outside the optimiser (the EMA put in for a

@@ -111,6 +111,20 @@ class DeepSpeedEngine(Engine):
             return {n: p.ds_tensor for n, p in self.unet.named_parameters()}  # this rank's flat partition
         return dict(self.unet.named_parameters())
 
+    def local_pieces(self, full):
+        if not self.zero3:
+            return super().local_pieces(full)
+        # ZeRO-3: this rank's slice of the flattened tensor, as its ds_tensor holds it (the last partitions
+        # padded to equal size; the padding is never read back, see _gather_partitions).
+        out = {}
+        for name, p in self.unet.named_parameters():
+            size = p.ds_tensor.numel()
+            flat = full[name].reshape(-1)[self.env.rank * size:(self.env.rank + 1) * size]
+            piece = torch.zeros(size, dtype=torch.float32, device=p.ds_tensor.device)
+            piece[:flat.numel()] = flat
+            out[name] = piece
+        return out
+
     @contextlib.contextmanager
     def weights_edited(self):
         if not self.zero3:
