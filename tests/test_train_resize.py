@@ -1,5 +1,6 @@
-"""Resuming a run on another number of ranks (a node lost, or more nodes given): model, optimiser and EMA
-carry over exactly, the data goes on with what the old ranks had left, and it can change again."""
+"""Resuming a run on another number of ranks (a node lost, or more nodes given), on every backend: weights,
+optimiser and EMA carry over exactly, the data goes on with what the old ranks had left, and it can change
+again."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,9 @@ BATCH = "stage.global_batch=12"  # 2 ranks x 2 x 3 micro-batches, 3 x 2 x 2, 1 x
 
 
 def _overrides(shards, run_dir, backend, *extra):
-    return [shards, f"run.dir={run_dir}", "parallel.precision=fp32", f"backend={backend}", BATCH, *extra]
+    name, _, zero = backend.partition("-")
+    return [shards, f"run.dir={run_dir}", "parallel.precision=fp32", f"backend={name}", BATCH,
+            *([f"parallel.zero_stage={zero}"] if zero else []), *extra]
 
 
 def _assert_equal(a: dict, b: dict) -> None:
@@ -27,7 +30,7 @@ def _assert_equal(a: dict, b: dict) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP read by one in-process DDP rank
-@pytest.mark.parametrize("backend", ["fsdp", "ddp"])
+@pytest.mark.parametrize("backend", ["fsdp", "ddp", "deepspeed-2", "deepspeed-3"])
 def test_resume_on_another_world_size(tmp_path, shards, backend):
     straight = tmp_path / "straight"
     run_train(tmp_path, _overrides(shards, straight, backend, "stage.steps=3"))
@@ -41,14 +44,17 @@ def test_resume_on_another_world_size(tmp_path, shards, backend):
     assert "(written by 2 ranks) at step 3" in proc.stdout
     assert "unfinished shard groups of epoch(s) [0] dealt to the new streams" in proc.stdout
     _assert_equal(exported_unet(straight), exported_unet(broken))
-    _assert_optimizer_resumed(tmp_path, shards, broken, backend)
-    if backend == "ddp":
+    # DeepSpeed's partitions went through its universal format, converted once beside the original.
+    assert (broken / "checkpoints" / "step-3" / "engine" / "ds-universal").is_dir() == backend.startswith("deepspeed")
+    if backend in ("ddp", "fsdp"):
+        _assert_optimizer_resumed(tmp_path, shards, broken, backend)
+    if backend in ("ddp", "deepspeed-2"):
         return
 
     # Training on, on 3 ranks, then from their checkpoint on 1 rank (the data still in its carried part).
     run_train(tmp_path, _overrides(shards, broken, backend, "stage.steps=6"), nproc=3)
     meta = json.loads((broken / "checkpoints" / "step-6" / "meta.json").read_text())
-    assert meta["world_size"] == 3 and meta["ema_layout"] == "dim0"
+    assert meta["world_size"] == 3 and meta["ema_layout"] == {"fsdp": "dim0", "deepspeed-3": "flat"}[backend]
     loader = torch.load(broken / "checkpoints" / "step-6" / "rank-0.pt", weights_only=False)["loader"]
     assert any(len(cursor) > 3 for cursor in loader["cursors"])  # carried groups still being read
     proc = run_train(tmp_path, _overrides(shards, broken, backend, "stage.steps=8"), nproc=1)
@@ -83,24 +89,32 @@ def _assert_optimizer_resumed(tmp_path, shards, run_dir, backend):
 
 
 class _Engine:
-    def __init__(self, resizable: bool):
-        self.resizable = resizable
+    def __init__(self, kind: str):
+        self._kind = kind
+
+    def kind(self) -> str:
+        return self._kind
 
 
-def test_deepspeed_checkpoints_are_refused_on_another_world_size(tmp_path):
-    meta = {"world_size": 2, "engine": "DeepSpeedEngine", "resizable": False, "ema_layout": "zero3-flat"}
+def test_a_checkpoint_resumes_only_into_its_own_backend(tmp_path):
+    meta = {"world_size": 2, "engine": "DeepSpeedEngine(ZeRO-3)", "ema_layout": "flat"}
     (tmp_path / "meta.json").write_text(json.dumps(meta))
-    for engine in (_Engine(resizable=False), _Engine(resizable=True)):  # into DeepSpeed, or into FSDP2
-        with pytest.raises(RuntimeError, match=r"\(DeepSpeedEngine\).*one ZeRO partition per rank.*Resume with 2 ranks"):
-            ckpt.load_checkpoint(tmp_path, engine, world_size=4)
-    (tmp_path / "meta.json").write_text(json.dumps({**meta, "engine": "FSDPEngine", "resizable": True}))
-    with pytest.raises(RuntimeError, match="only into DDP or FSDP2"):  # an FSDP2 checkpoint into DeepSpeed
-        ckpt.load_checkpoint(tmp_path, _Engine(resizable=False), world_size=4)
+    for other in ("FSDPEngine", "DeepSpeedEngine(ZeRO-2)"):
+        for world in (2, 4):
+            with pytest.raises(RuntimeError, match=r"written by DeepSpeedEngine\(ZeRO-3\), this run is"):
+                ckpt.load_checkpoint(tmp_path, _Engine(other), world_size=world)
+    (tmp_path / "meta.json").write_text(json.dumps({"world_size": 2}))  # from before resizing existed
+    with pytest.raises(RuntimeError, match="predates resuming on another world size"):
+        ckpt.load_checkpoint(tmp_path, _Engine("FSDPEngine"), world_size=4)
 
 
-def test_whole_ema_puts_dim0_pieces_back_together():
+def test_whole_ema_puts_the_pieces_back_together():
     full = {"a": torch.arange(10.0).reshape(5, 2), "b": torch.arange(3.0)}
-    pieces = [{k: v.chunk(4)[r] if r < len(v.chunk(4)) else v[:0] for k, v in full.items()} for r in range(4)]
-    whole = ckpt.whole_ema(pieces, "dim0")
-    assert sorted(whole) == ["a", "b"] and all(torch.equal(whole[k], full[k]) for k in full)
-    assert torch.equal(ckpt.whole_ema([full, {}], "replicated")["a"], full["a"])
+    shapes = {k: v.shape for k, v in full.items()}
+    dim0 = [{k: v.chunk(4)[r] if r < len(v.chunk(4)) else v[:0] for k, v in full.items()} for r in range(4)]
+    # ZeRO-3: equal slices of the flattened tensor, the last padded (with anything: it is never read).
+    flat = [{k: torch.cat([v.flatten(), torch.full((3,), 7.0)])[r * 3:(r + 1) * 3] for k, v in full.items()}
+            for r in range(4)]
+    for pieces, layout in ((dim0, "dim0"), (flat, "flat"), ([full, {}], "replicated")):
+        whole = ckpt.whole_ema(pieces, layout, shapes)
+        assert sorted(whole) == ["a", "b"] and all(torch.equal(whole[k], full[k]) for k in full), layout

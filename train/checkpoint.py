@@ -5,10 +5,10 @@ A checkpoint is a dict of stateful things, split by who owns them:
   step-N/rank-R.pt    this rank's EMA tensors (shards under FSDP2), RNG states and loader position
   step-N/meta.json    step, samples seen, W&B run id, counters, world size, layout of the EMA
 
-Resuming on another number of ranks: the engine's load reshards model and optimiser (DCP does; DeepSpeed's
-ZeRO partitions cannot, and are refused), `SavedRanks.load_all` gives every old rank's file, `whole_ema`
-puts the EMA pieces back together (the trainer cuts them anew), and the loader deals out what the old
-ranks had left of the data (data/plan.py, `replan`).
+Resuming on another number of ranks: the engine's `load_resharded` reshards model and optimiser (DCP on
+its own; DeepSpeed through its universal-checkpoint conversion), `SavedRanks.load_all` gives every old
+rank's file, `whole_ema` puts the EMA pieces back together (the engine cuts them anew), and the loader
+deals out what the old ranks had left of the data (data/plan.py, `replan`).
 The folder is written as `step-N.tmp`, renamed when every rank has finished, and only then does
 `latest` (a text file, replaced atomically) point at it: a crash mid-save leaves the previous
 checkpoint as the latest valid one.
@@ -101,8 +101,8 @@ def save_checkpoint(ckpt_dir: Path, state: TrainState, engine, rank_state: dict,
     if rank == 0:
         meta = {"step": state.step, "samples_seen": state.samples_seen, "wandb_run_id": state.wandb_run_id,
                 "nonfinite_skipped": state.nonfinite_skipped, "nonfinite_in_a_row": state.nonfinite_in_a_row,
-                "last_loss": state.last_loss, "world_size": world_size, "engine": type(engine).__name__,
-                "resizable": engine.resizable, "ema_layout": engine.ema_layout, "extra": state.extra}
+                "last_loss": state.last_loss, "world_size": world_size, "engine": engine.kind(),
+                "ema_layout": engine.ema_layout, "extra": state.extra}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -140,15 +140,19 @@ class SavedRanks:
 class _WholeEMA(Mapping):
     """Full EMA tensors, each put together from the ranks' pieces when it is looked up."""
 
-    def __init__(self, shadows: list[dict[str, torch.Tensor]], layout: str):
-        if layout not in ("replicated", "dim0"):
+    def __init__(self, shadows: list[dict[str, torch.Tensor]], layout: str, shapes: dict[str, torch.Size]):
+        if layout not in ("replicated", "dim0", "flat"):
             raise ValueError(f"cannot put together an EMA saved in layout {layout!r}")
-        self.shadows, self.layout = shadows, layout
+        self.shadows, self.layout, self.shapes = shadows, layout, shapes
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if self.layout == "replicated":
             return self.shadows[0][name]
-        return torch.cat([shadow[name] for shadow in self.shadows])
+        whole = torch.cat([shadow[name] for shadow in self.shadows])
+        if self.layout == "flat":  # equal slices of the flattened tensor, the last ones padded
+            shape = self.shapes[name]
+            whole = whole[:shape.numel()].view(shape)
+        return whole
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.shadows[0])
@@ -157,25 +161,31 @@ class _WholeEMA(Mapping):
         return len(self.shadows[0])
 
 
-def whole_ema(shadows: list[dict[str, torch.Tensor]], layout: str) -> Mapping[str, torch.Tensor]:
-    """The full EMA from every rank's saved shadow (rank order), lazily: one tensor in memory at a time."""
-    return _WholeEMA(shadows, layout)
+def whole_ema(shadows: list[dict[str, torch.Tensor]], layout: str,
+              shapes: dict[str, torch.Size]) -> Mapping[str, torch.Tensor]:
+    """The full EMA from every rank's saved shadow (rank order; `layout` is Engine.ema_layout of the run that
+    saved them, `shapes` the full shapes), lazily: one tensor in memory at a time."""
+    return _WholeEMA(shadows, layout, shapes)
 
 
 def load_checkpoint(path: Path, engine, world_size: int) -> tuple[TrainState, SavedRanks]:
-    """Loads model, optimiser and LR schedule into the engine (resharded if the world size changed, where
-    the backend can) and returns the run's state and the checkpoint's per-rank files."""
+    """Loads model, optimiser and LR schedule into the engine (resharded if the world size changed) and
+    returns the run's state and the checkpoint's per-rank files."""
     meta = json.loads((path / "meta.json").read_text())
     saved = SavedRanks(path, meta["world_size"], meta.get("ema_layout", "unknown"))
-    if saved.world_size != world_size and not (meta.get("resizable") and engine.resizable):
-        writer = meta.get("engine", "a version from before resizing")
-        raise RuntimeError(
-            f"{path} was written by {saved.world_size} ranks ({writer}), this run has {world_size} "
-            f"({type(engine).__name__}): only DDP and FSDP2 checkpoints resume on another number of ranks, and "
-            "only into DDP or FSDP2 (DeepSpeed keeps one ZeRO partition per rank and loads them only on as many "
-            f"ranks). Resume with {saved.world_size} ranks, or start a new stage from its export "
-            "(stage.init.from_checkpoint=<run.dir>/export).")
-    engine.load(path / "engine")
+    writer = meta.get("engine")
+    if writer is not None and writer != engine.kind():
+        raise RuntimeError(f"{path} was written by {writer}, this run is {engine.kind()}: a run resumes with the "
+                           "backend (and ZeRO stage) it was written with. Set it back, or start a new stage from "
+                           "its export (stage.init.from_checkpoint=<run.dir>/export).")
+    if saved.world_size == world_size:
+        engine.load(path / "engine")
+    elif writer is None:
+        raise RuntimeError(f"{path} was written by {saved.world_size} ranks, this run has {world_size}, and it "
+                           "predates resuming on another world size (its meta.json does not name its engine): "
+                           f"resume with {saved.world_size} ranks")
+    else:
+        engine.load_resharded(path / "engine")
     state = TrainState(step=meta["step"], samples_seen=meta["samples_seen"], wandb_run_id=meta["wandb_run_id"],
                        nonfinite_skipped=meta["nonfinite_skipped"], nonfinite_in_a_row=meta["nonfinite_in_a_row"],
                        last_loss=meta["last_loss"], extra=meta.get("extra", {}))

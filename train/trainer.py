@@ -134,7 +134,7 @@ class Trainer:
         if self.ema is not None:
             if states[0]["ema"] is None:
                 raise RuntimeError(f"{saved.path} has no EMA (it was trained with ema.enabled=false)")
-            whole = ckpt.whole_ema([s["ema"]["shadow"] for s in states], saved.ema_layout)
+            whole = ckpt.whole_ema([s["ema"]["shadow"] for s in states], saved.ema_layout, self.engine.full_shapes())
             self.ema.load_state_dict({"num_updates": states[0]["ema"]["num_updates"],
                                       "max_decay": states[0]["ema"]["max_decay"],
                                       "shadow": self.engine.local_pieces(whole)})

@@ -50,11 +50,9 @@ class Engine(ABC):
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
     # How named_trainable() cuts each tensor across the ranks, and so how a checkpoint's EMA pieces go
-    # back together: "replicated" (every rank holds it whole) or "dim0" (rank r holds the r-th
-    # torch.chunk along dim 0).
+    # back together: "replicated" (every rank holds it whole), "dim0" (rank r holds the r-th torch.chunk
+    # along dim 0) or "flat" (rank r holds the r-th equal slice of the flattened tensor, the last padded).
     ema_layout = "replicated"
-    # Whether load() takes a checkpoint written by another number of ranks.
-    resizable = True
 
     def __init__(self, cfg, env, accumulation: int):
         self.cfg, self.env, self.accumulation = cfg, env, accumulation
@@ -107,6 +105,19 @@ class Engine(ABC):
 
     @abstractmethod
     def load(self, path: Path) -> None: ...
+
+    def kind(self) -> str:
+        """What wrote a checkpoint, as far as reading it back goes (saved in its meta.json)."""
+        return type(self).__name__
+
+    def load_resharded(self, path: Path) -> None:
+        """`load` of a checkpoint written by another number of ranks (all ranks call this). DCP reshards on
+        its own; backends whose files are one partition per rank convert them first."""
+        self.load(path)
+
+    def full_shapes(self) -> dict[str, torch.Size]:
+        """The full shape of each tensor of `named_trainable()` (whatever this rank holds of it)."""
+        return {name: p.shape for name, p in self.named_trainable().items()}  # a DTensor's is the global one
 
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:

@@ -8,12 +8,14 @@ FusedAdam, ~100 s, and differs numerically from torch's).
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from train.distributed import barrier
 from train.lr import build_scheduler
 
 from .base import Engine, build_optimizer, compile_blocks, place_unet
@@ -30,6 +32,24 @@ def _import_deepspeed():
     import deepspeed
 
     return deepspeed
+
+
+def _to_universal(src: Path, dst: Path) -> None:
+    """DeepSpeed's offline conversion, written to a temporary folder and renamed when complete."""
+    import argparse
+    import shutil
+
+    _import_deepspeed()
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # inject_missing_state: our checkpoints carry no Megatron-style UNIVERSAL_CHECKPOINT_INFO (no tensor or
+    # pipeline parallelism to describe); the conversion then assumes none.
+    ds_to_universal.main(argparse.Namespace(input_folder=str(src), output_folder=str(tmp), num_extract_workers=1,
+                                            num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                            inject_missing_state=True))
+    os.replace(tmp, dst)
 
 
 def deepspeed_config(cfg, world_size: int, accumulation: int) -> dict:
@@ -53,10 +73,6 @@ def deepspeed_config(cfg, world_size: int, accumulation: int) -> dict:
 
 
 class DeepSpeedEngine(Engine):
-    # Its checkpoints hold one ZeRO partition of the optimiser (and under ZeRO-3 of the weights) per rank,
-    # loadable only by as many ranks (other counts need DeepSpeed's offline universal-checkpoint conversion).
-    resizable = False
-
     def __init__(self, cfg, unet, env, accumulation: int, lr_offset: int = 0):
         super().__init__(cfg, env, accumulation)
         deepspeed = _import_deepspeed()
@@ -73,7 +89,7 @@ class DeepSpeedEngine(Engine):
         self.unet = unet
         self.module = self._forward_with_cast
         self.zero3 = cfg.parallel.zero_stage == 3
-        self.ema_layout = "zero3-flat" if self.zero3 else "replicated"  # the EMA is shaped like the partitions
+        self.ema_layout = "flat" if self.zero3 else "replicated"  # the EMA is shaped like the partitions
 
     def autocast(self):
         return contextlib.nullcontext()  # DeepSpeed holds bf16/fp16 parameters itself; inputs are cast below
@@ -142,11 +158,34 @@ class DeepSpeedEngine(Engine):
     def save(self, path: Path):
         self.ds.save_checkpoint(str(path), tag=TAG, save_latest=False)
 
-    def load(self, path: Path):
-        load_path, _ = self.ds.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True,
+    def load(self, path: Path, tag: str = TAG):
+        load_path, _ = self.ds.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
                                                load_lr_scheduler_states=True)
         if load_path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}/{TAG}")
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}/{tag}")
+
+    def load_resharded(self, path: Path):
+        """The files hold one ZeRO partition per rank of the run that wrote them: rank 0 converts them once
+        into DeepSpeed's universal checkpoint (one folder of full fp32 tensors and Adam moments per
+        parameter, kept beside the original: ds_to_universal), which every rank then cuts its own
+        partitions from."""
+        universal = path / f"{TAG}-universal"
+        if self.env.is_main and not universal.is_dir():
+            _to_universal(path / TAG, universal)
+        barrier()
+        self.ds._config.load_universal_checkpoint = True
+        try:
+            self.load(path, tag=universal.name)
+        finally:
+            self.ds._config.load_universal_checkpoint = False
+
+    def kind(self) -> str:
+        return f"{type(self).__name__}(ZeRO-{self.cfg.parallel.zero_stage})"
+
+    def full_shapes(self):
+        if not self.zero3:
+            return super().full_shapes()
+        return {name: p.ds_shape for name, p in self.unet.named_parameters()}
 
     def full_state_dict(self):
         """The fp32 master weights (not the bf16 working copy), gathered from their ZeRO partitions."""
