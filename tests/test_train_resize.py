@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from train import checkpoint as ckpt
-from train_helpers import exported_unet, run_train, status
+from train_helpers import REPO, exported_unet, free_port, run_train, status, train_env
 from test_train import shards  # noqa: F401 - the module's synthetic shards
 
 BATCH = "stage.global_batch=12"  # 2 ranks x 2 x 3 micro-batches, 3 x 2 x 2, 1 x 2 x 6
@@ -29,7 +31,7 @@ def _assert_equal(a: dict, b: dict) -> None:
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP read by one in-process DDP rank
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP's offline converter, run with no group
 @pytest.mark.parametrize("backend", ["fsdp", "ddp", "deepspeed-2", "deepspeed-3"])
 def test_resume_on_another_world_size(tmp_path, shards, backend):
     straight = tmp_path / "straight"
@@ -46,8 +48,7 @@ def test_resume_on_another_world_size(tmp_path, shards, backend):
     _assert_equal(exported_unet(straight), exported_unet(broken))
     # DeepSpeed's partitions went through its universal format, converted once beside the original.
     assert (broken / "checkpoints" / "step-3" / "engine" / "ds-universal").is_dir() == backend.startswith("deepspeed")
-    if backend in ("ddp", "fsdp"):
-        _assert_optimizer_resumed(tmp_path, shards, broken, backend)
+    _assert_optimizer_resumed(tmp_path, shards, broken, backend)
     if backend in ("ddp", "deepspeed-2"):
         return
 
@@ -65,27 +66,62 @@ def test_resume_on_another_world_size(tmp_path, shards, backend):
 
 
 def _assert_optimizer_resumed(tmp_path, shards, run_dir, backend):
-    """The 2-rank checkpoint resumed by one in-process rank: Adam's moments and step counts are those in the
-    checkpoint's files, read by DCP's own offline converter."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    from train_helpers import in_process_trainer, one_rank_group
-
-    dcp_to_torch_save(run_dir / "checkpoints" / "step-3" / "engine", tmp_path / "engine.pt")
-    saved = torch.load(tmp_path / "engine.pt", weights_only=False)["optim"]["state"]
+    """The 2-rank checkpoint resumed by one rank (tests/resume_moments_worker.py): Adam's moments and step
+    counts are those in the checkpoint's files, read by the backend's own offline reader (DCP's converter;
+    DeepSpeed's zero_to_fp32 merge, a path apart from the universal checkpoint the resume goes through)."""
+    engine_dir = run_dir / "checkpoints" / "step-3" / "engine"
+    saved = (_saved_deepspeed_moments(engine_dir / "ds") if backend.startswith("deepspeed")
+             else _saved_dcp_moments(engine_dir, tmp_path))
     copy = tmp_path / "in_process"
     shutil.copytree(run_dir, copy / "run")
-    with one_rank_group(backend):
-        trainer = in_process_trainer(copy, shards.split("=", 1)[1].strip("'"), "parallel.precision=fp32",
-                                     f"backend={backend}")
-        assert trainer.state.step == 3
-        state = get_optimizer_state_dict(trainer.engine.unet, trainer.engine.optimizer)["state"]
+    out = tmp_path / "resumed_moments.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", f"--master-port={free_port()}",
+           str(REPO / "tests" / "resume_moments_worker.py"), str(copy), shards.split("=", 1)[1].strip("'"),
+           backend, str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=train_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    state = torch.load(out, weights_only=False)
     assert state.keys() == saved.keys() and len(state) > 100
-    for name, moments in state.items():
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            value = moments[key].full_tensor() if hasattr(moments[key], "full_tensor") else moments[key]
-            assert torch.equal(value, saved[name][key]), (name, key)
+    for param, moments in state.items():
+        assert moments.keys() == saved[param].keys(), param
+        for key in moments:
+            assert torch.equal(moments[key], saved[param][key]), (param, key)
+
+
+def _saved_dcp_moments(engine_dir, tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(engine_dir, tmp_path / "engine.pt")
+    return torch.load(tmp_path / "engine.pt", weights_only=False)["optim"]["state"]
+
+
+def _saved_deepspeed_moments(ds_dir):
+    """Each rank's flat Adam moments, put together into per-parameter tensors by zero_to_fp32's merge (which
+    does this for the fp32 weights), and the step count every partition holds."""
+    from deepspeed.utils import zero_to_fp32 as z
+
+    models = z.parse_model_states(z.get_model_state_files(str(ds_dir)))
+    ranks = [torch.load(f, weights_only=False)["optimizer_state_dict"] for f in z.get_optim_files(str(ds_dir))]
+    zero3 = ranks[0]["zero_stage"] == 3
+    states = [r["optimizer_state_dict" if zero3 else "base_optimizer_state"]["state"] for r in ranks]
+    steps = {float(group["step"]) for state in states for group in state.values()}
+    assert len(steps) == 1, f"the partitions disagree on Adam's step: {steps}"
+    trainable = {name for shapes in models[0].param_shapes for name in shapes}
+    step = torch.tensor(steps.pop())
+    out = {name: {"step": step} for name in trainable}
+    for key in ("exp_avg", "exp_avg_sq"):
+        if zero3:
+            flat = [[state[i][key] for i in sorted(state)] for state in states]
+            merged = z._get_fp32_state_dict_from_zero3_checkpoint(len(ranks), flat, models, False)
+        else:  # ZeRO-2's optimiser partitions keep the last rank's padding, which its fp32 copy drops
+            flat = [[state[i][key][:state[i][key].numel() - r["group_paddings"][i]] for i in sorted(state)]
+                    for state, r in zip(states, ranks)]
+            merged = z._get_fp32_state_dict_from_zero2_checkpoint(len(ranks), flat, models, False,
+                                                                  ranks[0]["param_alignment_paddings"])
+        for name, value in z.to_torch_tensor(merged).items():
+            if name in trainable:
+                out[name][key] = value.clone()
+    return out
 
 
 class _Engine:
