@@ -3,6 +3,7 @@ own labels, and samples what it says it samples; its stages' output is free of a
 toy's 1x1 level raises."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -118,3 +119,15 @@ def test_the_stages_run_without_ddps_stride_warning_of_the_toys_one_by_one_level
     assert "Grad strides do not match bucket view strides" in stderr_of(plain)  # nothing filters it already
     filtered = stderr_of({**plain, "PYTHONWARNINGS": mini.environment_without_toy_warnings()["PYTHONWARNINGS"]})
     assert "Grad strides" not in filtered and "another warning still shows" in filtered
+
+
+def test_a_run_is_told_where_its_loss_left_the_recorded_curve():
+    """Against the golden file itself: followed to the end; a loss moved beyond the golden test's tolerance at
+    one step: left there; moved within it: still followed."""
+    golden = json.loads(mini.GOLDEN_LOSS.read_text())
+    points = [tuple(p) for p in golden["loss"]]
+    assert mini.departure_from_golden(points, golden) is None
+    k = 57
+    step, loss, stage = points[k]
+    assert mini.departure_from_golden([*points[:k], (step, loss * (1 + 3e-4), stage), *points[k + 1:]], golden) == step
+    assert mini.departure_from_golden([*points[:k], (step, loss * (1 + 3e-5), stage), *points[k + 1:]], golden) is None
