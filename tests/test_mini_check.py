@@ -123,7 +123,7 @@ def test_the_stages_run_without_ddps_stride_warning_of_the_toys_one_by_one_level
 
 def test_a_run_is_told_where_its_loss_left_the_recorded_curve():
     """Against the golden file itself: followed to the end; a loss moved beyond the golden test's tolerance at
-    one step: left there; moved within it: still followed."""
+    one step: left there; moved within it: still followed; the curve cut short: left at the first gap."""
     golden = json.loads(mini.GOLDEN_LOSS.read_text())
     points = [tuple(p) for p in golden["loss"]]
     assert mini.departure_from_golden(points, golden) is None
@@ -131,3 +131,4 @@ def test_a_run_is_told_where_its_loss_left_the_recorded_curve():
     step, loss, stage = points[k]
     assert mini.departure_from_golden([*points[:k], (step, loss * (1 + 3e-4), stage), *points[k + 1:]], golden) == step
     assert mini.departure_from_golden([*points[:k], (step, loss * (1 + 3e-5), stage), *points[k + 1:]], golden) is None
+    assert mini.departure_from_golden(points[:k], golden) == step  # a curve that stops short leaves at its first gap

@@ -211,10 +211,10 @@ def test_short_run_follows_the_golden_loss_curve(tmp_path):
 
     tests/assets/golden_mini_loss.json is the whole curve of `python -m train.mini` (step, loss, stage),
     written from runs/mini/report.json; a change that moves it must re-record it, on purpose."""
-    from train.mini import RUN_NAME, write_data
+    from train.mini import GOLDEN_LOSS, GOLDEN_REL, RUN_NAME, write_data
     from train.wandb_records import read_run
 
-    golden = json.loads((REPO / "tests" / "assets" / "golden_mini_loss.json").read_text())
+    golden = json.loads(GOLDEN_LOSS.read_text())
     expected = {step: loss for step, loss, stage in golden["loss"] if stage == "mini_v1-1_256" and step <= 20}
     assert sorted(expected) == [10, 20]
     write_data(tmp_path / RUN_NAME / "data")
@@ -223,7 +223,7 @@ def test_short_run_follows_the_golden_loss_curve(tmp_path):
     (wandb_file,) = (tmp_path / RUN_NAME / "mini_v1-1_256" / "wandb").glob("offline-run-*/run-*.wandb")
     got = {row["_step"]: row["train/loss"] for row in read_run(wandb_file).history if "train/loss" in row}
     for step, loss in expected.items():
-        assert got[step] == pytest.approx(loss, rel=1e-4), (step, got[step], loss)
+        assert got[step] == pytest.approx(loss, rel=GOLDEN_REL), (step, got[step], loss)  # GOLDEN_REL = 1e-4
 
 
 def _saved_grad_scaler(checkpoint_dir) -> dict:

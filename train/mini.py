@@ -135,27 +135,29 @@ def evaluate(models, scale: float = 7.5, steps: int = 50) -> dict:
 
 
 GOLDEN_LOSS = Path(__file__).resolve().parents[1] / "tests" / "assets" / "golden_mini_loss.json"
-# The tolerance of tests/test_train.py's golden-curve test: a loss within it is the recorded run's.
+# A loss within this of the recorded one is the recorded run's (also the tolerance of tests/test_train.py's
+# golden-curve test).
 GOLDEN_REL = 1e-4
 
 
 def machine() -> dict:
     """What decides this run's floating-point rounding and speed: torch's CPU kernel level (AVX2 / AVX512 /
     ...), the CPU model, the cores."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").is_file() else "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
     return {"cpu": model, "kernels": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
             "torch": torch.__version__}
 
 
 def departure_from_golden(points: list[tuple[int, float, str]], golden: dict) -> int | None:
-    """The first logged step whose loss is not the recorded run's (None: the whole curve is)."""
-    recorded = {(step, stage): loss for step, loss, stage in golden["loss"]}
-    for step, loss, stage in points:
-        expected = recorded.get((step, stage))
-        if expected is None or abs(loss - expected) > GOLDEN_REL * abs(expected):
+    """The first recorded step whose loss this run did not log, or logged otherwise (None: the whole curve is)."""
+    logged = {(step, stage): loss for step, loss, stage in points}
+    for step, expected, stage in golden["loss"]:
+        loss = logged.get((step, stage))
+        if loss is None or abs(loss - expected) > GOLDEN_REL * abs(expected):
             return step
-    return None if len(points) == len(recorded) else (points[-1][0] if points else 0)
+    return None
 
 
 def save_grid(images: torch.Tensor, path: Path, columns: int) -> None:
@@ -240,18 +242,19 @@ def main(argv: list[str] | None = None) -> int:
     golden = json.loads(GOLDEN_LOSS.read_text()) if GOLDEN_LOSS.is_file() else None
     comparable = golden is not None and args.backend == golden["backend"] and args.procs == 2 and not args.overrides
     departed = departure_from_golden(points, golden) if comparable else None
-    (out / "report.json").write_text(json.dumps({**result, "machine": host, "golden_curve": (
-        "not comparable (other settings, or no golden file)" if not comparable else
-        "followed to the end" if departed is None else f"left at step {departed}"),
-        "loss": points, "val_loss_ema": val}, indent=1))
+    if not comparable:
+        curve = "not comparable with the recorded run's (other settings, or no golden file)"
+    elif departed is None:
+        curve = f"the recorded run's ({GOLDEN_LOSS.name}) to the end"
+    else:
+        curve = f"left the recorded run's ({GOLDEN_LOSS.name}) at step {departed} (rel > {GOLDEN_REL:g})"
+    (out / "report.json").write_text(json.dumps({**result, "machine": host, "golden_curve": curve,
+                                                 "loss": points, "val_loss_ema": val}, indent=1))
     passed = result["accuracy"] >= PASS_FRACTION
     print(f"\nsample grid: {out / 'samples.png'}\nloss curve:  {out / 'loss.png'}\nreport:      {out / 'report.json'}")
     print(f"machine: {host['cpu']}, torch's {host['kernels']} kernels, {host['cores']} cores")
-    if comparable:
-        print("loss curve: the recorded run's (tests/assets/golden_mini_loss.json) to the end" if departed is None else
-              f"loss curve: left the recorded run's at step {departed} (rel > {GOLDEN_REL:g}): this machine's kernels "
-              "round differently, so this is another draw of the same recipe, not the recorded one (README: "
-              "'How firm that is')")
+    why = ": this machine's kernels round differently, so this is another draw of the same recipe, not the recorded one"
+    print(f"loss curve: {curve}" + ("" if departed is None else f"{why} (README: 'How firm that is')"))
     print(f"text conditioning: the asked-for colour dominates {result['accuracy']:.0%} of {len(result['cases'])} "
           f"samples (guidance {args.scale}, DDIM {result['steps']} steps, {result['weights']}): "
           f"{'PASS' if passed else 'FAIL'} (needs >= {PASS_FRACTION:.0%})")
