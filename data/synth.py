@@ -19,12 +19,15 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+# Six hues at least 116 apart in RGB (blue-purple the closest pair). Orange was here until 2026-11-29: 86 from
+# yellow and 104 from red, it was the colour the miniature's check missed most (an AVX2 draw read it as its
+# neighbours in 10 of 16 samples and failed at 76%); cyan, 141 from its nearest (blue), took its place.
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 160, 50),
     "blue": (30, 70, 220),
     "yellow": (245, 215, 30),
-    "orange": (245, 130, 20),
+    "cyan": (40, 210, 230),
     "purple": (130, 40, 170),
 }
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
