@@ -23,6 +23,12 @@ class PixelFirstStage(nn.Module):
         pad = torch.zeros(x.shape[0], self.channels - x.shape[1], *pooled.shape[2:], device=x.device)
         return self.scale_factor * torch.cat([pooled, pad], dim=1)
 
+    @property
+    def latent_bound(self) -> float:
+        """Latents of images in [-1, 1] lie in [-bound, bound] (averages of pixels, scaled; the pad is 0):
+        the range a pixel-space sampler clips its pred_x0 to (models/samplers.py, clip_x0)."""
+        return self.scale_factor
+
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         rgb = z[:, :3].float() / self.scale_factor
         return F.interpolate(rgb, scale_factor=self.factor, mode="nearest").clamp(-1, 1)

@@ -84,6 +84,7 @@ def test_evaluate_samples_every_case_and_scores_them(scale):
     hits = [c["generated_color"] == c["color"] for c in result["cases"]]
     assert result["accuracy"] == sum(hits) / len(hits)
     assert result["images"].shape[1:] == (3, 128, 128)
+    assert result["clip_x0"] == 1.0  # pred_x0 clamped to the pixel-space first stage's range
 
 
 DDP_AT_ONE_BY_ONE = """

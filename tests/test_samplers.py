@@ -109,27 +109,52 @@ def test_coefficients_follow_make_ddim_sampling_parameters(abar):
     assert torch.equal(ddim_coefficients(abar, ts, eta=0.0).sigmas, torch.zeros(50))
 
 
+def _run_diffusers_ddim(scheduler, denoiser, x_t, cond, steps, eta, **step_kwargs):
+    """diffusers' loop: set_timesteps, then step() per timestep with the same per-sample noise streams."""
+    gens = [torch.Generator().manual_seed(10 + i) for i in range(x_t.shape[0])]
+    scheduler.set_timesteps(steps)
+    x = x_t.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps = denoiser(x, t.expand(x.shape[0]), cond)
+            noise = step_noise(x, gens) if eta > 0 else None
+            x = scheduler.step(eps, t, x, eta=eta, variance_noise=noise, **step_kwargs).prev_sample
+    return x
+
+
+def _ours_ddim(denoiser, x_t, cond, steps, abar, eta, **kwargs):
+    return ddim_sample(denoiser, x_t, ddim_timesteps(steps), cond, alphas_cumprod=abar, eta=eta,
+                       generator=[torch.Generator().manual_seed(10 + i) for i in range(x_t.shape[0])], **kwargs)
+
+
 @pytest.mark.parametrize("eta", [0.0, 0.7])
 def test_ddim_equals_diffusers_ddim_scheduler(unet, abar, eta):
     steps = 10
     denoiser, x_t, cond = _setup(unet)
-    ours = ddim_sample(denoiser, x_t, ddim_timesteps(steps), cond, alphas_cumprod=abar, eta=eta,
-                       generator=[torch.Generator().manual_seed(10 + i) for i in range(2)])
-
-    def run_diffusers(scheduler):
-        gens = [torch.Generator().manual_seed(10 + i) for i in range(2)]
-        scheduler.set_timesteps(steps)
-        x = x_t.clone()
-        with torch.no_grad():
-            for t in scheduler.timesteps:
-                eps = denoiser(x, t.expand(2), cond)
-                noise = step_noise(x, gens) if eta > 0 else None
-                x = scheduler.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
-        return x
-
-    assert rel_err(ours, run_diffusers(_with_our_schedule(DDIMScheduler(**DDIM), abar))) <= 2e-6
+    ours = _ours_ddim(denoiser, x_t, cond, steps, abar, eta)
+    theirs = _with_our_schedule(DDIMScheduler(**DDIM), abar)
+    assert rel_err(ours, _run_diffusers_ddim(theirs, denoiser, x_t, cond, steps, eta)) <= 2e-6
     # With diffusers' own float32 schedule (abar off by up to 1e-6 relative) samples move by < 1e-6 here.
-    assert rel_err(ours, run_diffusers(DDIMScheduler(**DDIM))) <= 5e-6
+    assert rel_err(ours, _run_diffusers_ddim(DDIMScheduler(**DDIM), denoiser, x_t, cond, steps, eta)) <= 5e-6
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_clip_x0_is_diffusers_clip_sample_with_the_clipped_model_output(unet, abar, eta):
+    """clip_x0 = r: pred_x0 clamped to [-r, r] and eps re-derived from it, as diffusers' DDIMScheduler with
+    clip_sample=True, clip_sample_range=r and step(use_clipped_model_output=True) (GLIDE's rule)."""
+    steps, bound = 10, 0.5
+    denoiser, x_t, cond = _setup(unet)
+    seen = []
+    ours = _ours_ddim(denoiser, x_t, cond, steps, abar, eta, clip_x0=bound,
+                      callback=lambda i, t, x, x0: seen.append(x0.abs().max().item()))
+    theirs = _with_our_schedule(DDIMScheduler(**{**DDIM, "clip_sample": True, "clip_sample_range": bound}), abar)
+    assert rel_err(ours, _run_diffusers_ddim(theirs, denoiser, x_t, cond, steps, eta,
+                                             use_clipped_model_output=True)) <= 2e-6
+    # The clamp acted (the noise's pred_x0 at t = 901 is far outside +-0.5) and bounded every step's pred_x0.
+    assert max(seen) <= bound and rel_err(ours, _ours_ddim(denoiser, x_t, cond, steps, abar, eta)) > 0.1
+    # A bound nothing reaches changes nothing but the rounding of the re-derived eps.
+    assert rel_err(_ours_ddim(denoiser, x_t, cond, steps, abar, eta, clip_x0=1e9),
+                   _ours_ddim(denoiser, x_t, cond, steps, abar, eta)) <= 1e-5
 
 
 def test_plms_equals_diffusers_pndm_skip_prk(unet, abar):
@@ -159,6 +184,18 @@ def test_plms_equals_diffusers_pndm_skip_prk(unet, abar):
     plms_sample(uneven, x_t, ddim_timesteps(30), cond, alphas_cumprod=abar)
     scheduler.set_timesteps(30)
     assert len(uneven.calls) == 32 and len(scheduler.timesteps) == 31
+
+
+def test_plms_clip_x0_bounds_every_update(unet, abar):
+    """PLMS clamps the pred_x0 of each update (the multistep eps is combined first, from the model's raw eps)."""
+    denoiser, x_t, cond = _setup(unet)
+    ts = ddim_timesteps(6)
+    seen = []
+    clipped = plms_sample(denoiser, x_t, ts, cond, alphas_cumprod=abar, clip_x0=0.5,
+                          callback=lambda i, t, x, x0: seen.append(x0.abs().max().item()))
+    plain = plms_sample(denoiser, x_t, ts, cond, alphas_cumprod=abar)
+    assert max(seen) <= 0.5 and rel_err(clipped, plain) > 0.1
+    assert rel_err(plms_sample(denoiser, x_t, ts, cond, alphas_cumprod=abar, clip_x0=1e9), plain) <= 1e-5
 
 
 def test_plms_refuses_eta_and_adams_bashforth_weights_sum_to_one(unet, abar):
@@ -244,3 +281,28 @@ def test_txt2img_equals_diffusers_pipeline(tiny_files, sampler):
     assert (images - images_theirs).abs().max() <= 1e-5
     # txt2img truncates (astype(np.uint8)); diffusers' numpy output rounds.
     assert torch.equal(to_uint8(images), (255 * images).floor().permute(0, 2, 3, 1).to(torch.uint8))
+
+
+def test_clip_x0_auto_clamps_pixel_latents_only_and_bad_values_say_what_to_change():
+    import argparse
+
+    from models.pixel_first_stage import PixelFirstStage
+    from models.vae import AutoencoderKL
+    from tools.sample import SamplingConfig, add_sampling_args, sampling_config
+
+    pixels, vae = PixelFirstStage(scale_factor=0.5), AutoencoderKL(CFG.vae)
+    assert SamplingConfig().clip_bound(pixels) == 0.5  # the pooled image's range, scaled
+    assert SamplingConfig().clip_bound(vae) is None  # SD's latents have no range: the original never clamps
+    assert SamplingConfig(clip_x0="none").clip_bound(pixels) is None
+    assert SamplingConfig(clip_x0=3.0).clip_bound(vae) == 3.0
+    for bad, says in (("always", "auto or none"), (0.0, "must be > 0"), (-1.0, "must be > 0")):
+        with pytest.raises(ValueError, match=says):
+            SamplingConfig(clip_x0=bad)
+
+    parser = argparse.ArgumentParser()
+    add_sampling_args(parser)
+    assert sampling_config(parser.parse_args([])).clip_x0 == "auto"
+    assert sampling_config(parser.parse_args(["--clip-x0", "none"])).clip_x0 == "none"
+    assert sampling_config(parser.parse_args(["--clip-x0", "1.5"])).clip_x0 == 1.5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--clip-x0", "sometimes"])

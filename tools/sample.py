@@ -3,6 +3,7 @@
     python -m tools.sample CKPT --prompt "a red bus" [--prompt ...] --seed 42 [--n-samples 1]
         [--scale 7.5] [--steps 50] [--sampler plms|ddim] [--eta 0] [--H 512] [--W 512]
         [--ema | --no-ema] [--arch sd-v1|tiny] [--out outputs/samples] [--device cuda] [--precision autocast|full]
+        [--clip-x0 auto|none|R]
 
 CKPT is an original `.ckpt`/`.safetensors` (released EMA-only or full-ema files, or the trainer's
 `<run.dir>/export/model.ckpt`; the export folder itself works too) or a diffusers pipeline folder. Image k (prompt by prompt, sample by sample) uses seed
@@ -40,6 +41,7 @@ from models.vae import AutoencoderKL
 from tools.convert import ARCHS
 
 PRECISIONS = ("autocast", "full")
+CLIP_X0_WORDS = ("auto", "none")
 EXPORT_FILE = "model.ckpt"  # what the trainer writes under <run.dir>/export (train/export.py)
 
 
@@ -56,6 +58,10 @@ class SamplingConfig:
     discretization: str = "uniform"
     # "autocast": float16 autocast on CUDA, txt2img's default (ignored on CPU); "full": float32 everywhere.
     precision: str = "autocast"
+    # Clamp each step's pred_x0 to [-r, r] (models/samplers.py): "auto" clamps to the first stage's latent
+    # range where it has one (the pixel-space first stage, as pixel-space diffusion samples) and not at all
+    # for SD's VAE, whose latents have none (the original's samplers); "none", or r > 0.
+    clip_x0: str | float = "auto"
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -72,6 +78,19 @@ class SamplingConfig:
             raise ValueError(f"precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.height <= 0 or self.width <= 0:
             raise ValueError(f"image size {self.height}x{self.width} must be positive")
+        if isinstance(self.clip_x0, str):
+            if self.clip_x0 not in CLIP_X0_WORDS:
+                raise ValueError(f"clip_x0={self.clip_x0!r}: choose {' or '.join(CLIP_X0_WORDS)}, or a bound r > 0")
+        elif not self.clip_x0 > 0:
+            raise ValueError(f"clip_x0={self.clip_x0}: a bound must be > 0 (or 'none' for no clamping)")
+
+    def clip_bound(self, first_stage: AutoencoderKL | PixelFirstStage) -> float | None:
+        """The bound the sampler clamps pred_x0 to with this first stage (None: no clamping)."""
+        if self.clip_x0 == "none":
+            return None
+        if self.clip_x0 == "auto":
+            return first_stage.latent_bound if isinstance(first_stage, PixelFirstStage) else None
+        return float(self.clip_x0)
 
 
 @dataclass
@@ -179,7 +198,7 @@ def sample_latents(models: SamplingModels, prompts: Sequence[str], seeds: Sequen
     timesteps = ddim_timesteps(cfg.steps, models.alphas_cumprod.numel(), cfg.discretization)
     with _precision_scope(cfg, models.device):
         return SAMPLERS[cfg.sampler](denoiser, x, timesteps, cond, alphas_cumprod=models.alphas_cumprod, eta=cfg.eta,
-                                     generator=generators).float()
+                                     generator=generators, clip_x0=cfg.clip_bound(models.vae)).float()
 
 
 @torch.no_grad()
@@ -230,6 +249,9 @@ def add_sampling_args(parser: argparse.ArgumentParser, scale: bool = True) -> No
     parser.add_argument("--W", dest="width", type=int, default=d.width)
     parser.add_argument("--discretization", choices=DISCRETIZATIONS, default=d.discretization)
     parser.add_argument("--precision", choices=PRECISIONS, default=d.precision)
+    parser.add_argument("--clip-x0", type=_clip_x0_arg, default=d.clip_x0, metavar="auto|none|R",
+                        help="clamp each step's predicted x0 to [-R, R]; auto: to the first stage's latent range "
+                             "where it has one (the pixel-space first stage), never for SD's VAE")
     parser.add_argument("--arch", choices=sorted(ARCHS), default="sd-v1",
                         help="architecture of an original checkpoint (diffusers folders carry their own config)")
     ema = parser.add_mutually_exclusive_group()
@@ -239,10 +261,19 @@ def add_sampling_args(parser: argparse.ArgumentParser, scale: bool = True) -> No
     parser.add_argument("--device", default=default_device())
 
 
+def _clip_x0_arg(text: str) -> str | float:
+    if text in CLIP_X0_WORDS:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {' or '.join(CLIP_X0_WORDS)}, or a number") from None
+
+
 def sampling_config(args: argparse.Namespace, scale: float = 7.5) -> SamplingConfig:
     return SamplingConfig(sampler=args.sampler, steps=args.steps, scale=getattr(args, "scale", scale), eta=args.eta,
                           height=args.height, width=args.width, discretization=args.discretization,
-                          precision=args.precision)
+                          precision=args.precision, clip_x0=args.clip_x0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
