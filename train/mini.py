@@ -122,8 +122,8 @@ def evaluate(models, scale: float = 7.5, steps: int = 50) -> dict:
     """Samples every prompt through tools/sample.py (DDIM, CFG with CLIP("")) at 128 px and checks colours.
 
     Each step's pred_x0 is clamped to the pixel range (SamplingConfig's clip_x0="auto" with the pixel-space
-    first stage), as pixel-space diffusion samples: unclamped, guidance left single latent pixels of saturated
-    colour in the backgrounds, and those outweighed right-coloured shapes (one draw: 69% -> 79%)."""
+    first stage), as pixel-space diffusion samples: unclamped, the samples kept single latent pixels of saturated
+    colour in their backgrounds, and those outweighed right-coloured shapes (one draw: 69% -> 79%)."""
     from tools.sample import SamplingConfig, decode, sample_latents
 
     cfg = SamplingConfig(sampler="ddim", steps=steps, scale=scale, height=128, width=128, precision="full")
