@@ -85,6 +85,7 @@ def test_evaluate_samples_every_case_and_scores_them(scale):
     assert result["accuracy"] == sum(hits) / len(hits)
     assert result["images"].shape[1:] == (3, 128, 128)
     assert result["clip_x0"] == 1.0  # pred_x0 clamped to the pixel-space first stage's range
+    assert result["eta"] == 1.0  # fresh noise at every step, drawn from each sample's seed
 
 
 DDP_AT_ONE_BY_ONE = """

@@ -12,8 +12,8 @@
    models/pixel_first_stage.py): a random VAE would hide what the UNet learned. Its random text
    encoder keeps words apart (configs.mini: text_token_init_std), as a pretrained CLIP does.
 3. Samples every caption pattern with 4 seeds (96 samples; tools/sample.py: DDIM 50 steps, EMA weights,
-   classifier-free guidance 7.5 as CompVis' txt2img, pred_x0 clamped to the pixel range as pixel-space
-   diffusion samples), writes the grid, the loss curve and a report,
+   classifier-free guidance 7.5 as CompVis' txt2img, pred_x0 clamped to the pixel range and fresh noise at
+   each step (eta 1) as pixel-space diffusion samples), writes the grid, the loss curve and a report,
    and checks that text conditioning was learned: the shape colour asked for must be the dominant
    non-background colour of the image in >= 80% of samples.
 A stage that already finished is skipped, so a re-run only redoes what is missing.
@@ -117,16 +117,24 @@ def load_final_models(root: Path):
     return load_sampling_models(root / RUN_NAME / STAGES[-1] / "export", arch="mini")
 
 
+# DDIM's eta for the check: 1 = fresh noise at every step (DDPM's ancestral sampling at 50 steps), as
+# pixel-space diffusion models sample. CompVis' txt2img default, 0 (the deterministic ODE path), carries a
+# weak model's errors to the end: a toy model's misses at one step stay in the image as colour speckle
+# that the later steps take for content (README, "How firm that is").
+CHECK_ETA = 1.0
+
+
 @torch.no_grad()
-def evaluate(models, scale: float = 7.5, steps: int = 50) -> dict:
+def evaluate(models, scale: float = 7.5, steps: int = 50, eta: float = CHECK_ETA) -> dict:
     """Samples every prompt through tools/sample.py (DDIM, CFG with CLIP("")) at 128 px and checks colours.
 
     Each step's pred_x0 is clamped to the pixel range (SamplingConfig's clip_x0="auto" with the pixel-space
     first stage), as pixel-space diffusion samples: unclamped, the samples kept single latent pixels of saturated
-    colour in their backgrounds, and those outweighed right-coloured shapes (one draw: 69% -> 79%)."""
+    colour in their backgrounds, and those outweighed right-coloured shapes (one draw at eta 0: 69% -> 79%). The step
+    noise (eta, CHECK_ETA) comes from each sample's seed, so the check stays deterministic."""
     from tools.sample import SamplingConfig, decode, sample_latents
 
-    cfg = SamplingConfig(sampler="ddim", steps=steps, scale=scale, height=128, width=128, precision="full")
+    cfg = SamplingConfig(sampler="ddim", steps=steps, scale=scale, eta=eta, height=128, width=128, precision="full")
     cases = prompts()
     z = sample_latents(models, [c["prompt"] for c in cases], [c["seed"] for c in cases], cfg)
     images = decode(models, z, cfg)
@@ -135,7 +143,7 @@ def evaluate(models, scale: float = 7.5, steps: int = 50) -> dict:
         got = dominant_shape_colour(image)
         case["generated_color"] = got
         hits.append(got == case["color"])
-    return {"scale": scale, "steps": steps, "sampler": "ddim", "clip_x0": cfg.clip_bound(models.vae),
+    return {"scale": scale, "steps": steps, "sampler": "ddim", "eta": eta, "clip_x0": cfg.clip_bound(models.vae),
             "weights": models.weights,
             "accuracy": sum(hits) / len(hits), "cases": cases, "images": images}
 
@@ -262,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     why = ": this machine's kernels round differently, so this is another draw of the same recipe, not the recorded one"
     print(f"loss curve: {curve}" + ("" if departed is None else f"{why} (README: 'How firm that is')"))
     print(f"text conditioning: the asked-for colour dominates {result['accuracy']:.0%} of {len(result['cases'])} "
-          f"samples (guidance {args.scale}, DDIM {result['steps']} steps, pred_x0 clamped to +-{result['clip_x0']:g}, "
+          f"samples (guidance {args.scale}, DDIM {result['steps']} steps at eta {result['eta']:g}, "
+          f"pred_x0 clamped to +-{result['clip_x0']:g}, "
           f"{result['weights']}): "
           f"{'PASS' if passed else 'FAIL'} (needs >= {PASS_FRACTION:.0%})")
     return 0 if passed else 1
