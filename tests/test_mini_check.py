@@ -70,15 +70,19 @@ def test_prompts_cover_every_colour_and_shape_with_distinct_seeds():
         assert case["background"] in _contrasting_backgrounds(case["color"])
 
 
-@pytest.mark.parametrize("scale", [1.0, 7.5])
-def test_evaluate_samples_every_case_and_scores_them(scale):
+def _untrained_mini_models():
     from models.configs import mini as mini_config
     from models.stable_diffusion import build_models
     from tools.sample import SamplingModels
 
     torch.manual_seed(0)
     m = build_models(mini_config())
-    models = SamplingModels.of(m.unet.eval(), m.vae, m.text_encoder, m.schedule, "cpu", "raw")
+    return SamplingModels.of(m.unet.eval(), m.vae, m.text_encoder, m.schedule, "cpu", "raw")
+
+
+@pytest.mark.parametrize("scale", [1.0, 7.5])
+def test_evaluate_samples_every_case_and_scores_them(scale):
+    models = _untrained_mini_models()
     result = mini.evaluate(models, scale=scale, steps=2)
     assert len(result["cases"]) == len(result["images"]) == len(mini.prompts())
     hits = [c["generated_color"] == c["color"] for c in result["cases"]]
@@ -86,6 +90,16 @@ def test_evaluate_samples_every_case_and_scores_them(scale):
     assert result["images"].shape[1:] == (3, 128, 128)
     assert result["clip_x0"] == 1.0  # pred_x0 clamped to the pixel-space first stage's range
     assert result["eta"] == 1.0  # fresh noise at every step, drawn from each sample's seed
+
+
+def test_evaluate_step_noise_reaches_the_sampler_and_comes_from_the_seeds():
+    """eta is not only reported: the check's images differ from the deterministic path's (eta 0), and a second
+    evaluation draws the same step noise, so the check stays a function of the trained weights."""
+    models = _untrained_mini_models()
+    first, again = (mini.evaluate(models, steps=2)["images"] for _ in range(2))
+    deterministic = mini.evaluate(models, steps=2, eta=0.0)["images"]
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, deterministic, atol=1e-3)
 
 
 DDP_AT_ONE_BY_ONE = """

@@ -130,8 +130,8 @@ def evaluate(models, scale: float = 7.5, steps: int = 50, eta: float = CHECK_ETA
 
     Each step's pred_x0 is clamped to the pixel range (SamplingConfig's clip_x0="auto" with the pixel-space
     first stage), as pixel-space diffusion samples: unclamped, the samples kept single latent pixels of saturated
-    colour in their backgrounds, and those outweighed right-coloured shapes (one draw at eta 0: 69% -> 79%). The step
-    noise (eta, CHECK_ETA) comes from each sample's seed, so the check stays deterministic."""
+    colour in their backgrounds, and those outweighed right-coloured shapes (one draw at eta 0: 69% -> 79%).
+    The step noise of eta > 0 (CHECK_ETA) comes from each sample's seed, so the check stays deterministic."""
     from tools.sample import SamplingConfig, decode, sample_latents
 
     cfg = SamplingConfig(sampler="ddim", steps=steps, scale=scale, eta=eta, height=128, width=128, precision="full")
