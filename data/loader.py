@@ -270,8 +270,9 @@ class ShardLoader:
         loader = DataLoader(_StreamDataset(self), batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
                             prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
                             timeout=cfg.timeout_s if cfg.num_workers else 0, worker_init_fn=_ignore_sigterm)
+        batches = iter(loader)
         try:
-            for batch in loader:
+            for batch in batches:
                 n, local, cursor, skips = batch.pop("_position")
                 if n != self._batches or local != n % self.plan.streams_per_rank:
                     raise RuntimeError(f"loader got batch {n} (stream {local}) where batch {self._batches} was due: "
@@ -282,6 +283,11 @@ class ShardLoader:
                 yield batch
         finally:
             self._iterating = False
+            # Stop the workers here, when the iteration is closed, rather than when the iterator is collected:
+            # after an exception the traceback keeps it alive until exit, and at exit multiprocessing sends
+            # its daemon workers SIGTERM, which they ignore (_ignore_sigterm), then joins them: forever.
+            if hasattr(batches, "_shutdown_workers"):  # what the iterator's own __del__ calls
+                batches._shutdown_workers()
 
     def skip_counts(self) -> dict[str, int]:
         """Samples and shards not used so far, by reason (data/shard_io.py, data/samples.py,

@@ -171,6 +171,21 @@ def test_nonfinite_losses_in_a_row_abort_with_a_checkpoint(tmp_path, shards):
     assert meta["nonfinite_skipped"] == 4 and meta["nonfinite_in_a_row"] == 4
 
 
+def test_an_error_in_the_step_ends_every_rank_with_its_loader_workers(tmp_path, shards):
+    """An exception in the loop (injected here: a bug, an OOM, a library's error) must end the ranks, so that
+    torchrun sees the failure. It used to hang them at exit: the traceback kept the loader alive, and
+    multiprocessing's exit joined workers that ignore SIGTERM (data/loader.py) forever."""
+    run_dir = tmp_path / "error"
+    try:
+        proc = run_train(tmp_path, _overrides(shards, run_dir, "backend=ddp", "stage.data.num_workers=2",
+                                              "fault.raise_at_step=1"), timeout=150, expect=None)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the ranks did not exit within 150 s of an error in the step (a normal short run takes ~30 s)")
+    assert proc.returncode != 0
+    assert "fault.raise_at_step=1: an error in the step, injected" in proc.stdout + proc.stderr
+    assert status(run_dir)["state"] == "failed"
+
+
 def test_two_nodes_on_one_host_match_one_node(tmp_path, shards, ddp_reference):
     """Two torchrun agents (--nnodes=2, c10d rendezvous on 127.0.0.1), one process each."""
     from train_helpers import free_port

@@ -213,6 +213,8 @@ class FaultConfig:
     kill_after_checkpoint_at_step: Optional[int] = None
     # These steps compute a NaN loss (a numerical blow-up).
     nan_loss_at_steps: list[int] = field(default_factory=list)
+    # Every rank raises an exception in this step's forward (a bug, an out-of-memory, a library's error).
+    raise_at_step: Optional[int] = None
 
 
 @dataclass

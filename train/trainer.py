@@ -161,6 +161,14 @@ class Trainer:
         for _ in range(times):
             self.ema.update(params, skipped)
 
+    def stop_loader(self) -> None:
+        """Ends train()'s iteration of the loader, which stops its workers (data/loader.py), also when train()
+        left by an exception: otherwise the rank would not exit, and torchrun could not restart the group."""
+        batches = getattr(self, "_batches", None)
+        if batches is not None:
+            batches.close()
+            self._batches = None
+
     def optimizer_step(self, micro_batches: list[dict], preempt_requested: bool, encode_autocast) -> StepOutcome:
         """One optimiser step over this rank's micro-batches. Everything is queued on the device and
         nothing waits for it (no `.item()`, no blocking copy): the results come back as device tensors."""
@@ -168,6 +176,8 @@ class Trainer:
         for micro, batch in enumerate(micro_batches):
             loss = training_loss(batch, self.engine.module, self.frozen, self.schedule, self.env.device,
                                  self.generator, encode_autocast, self.engine.autocast())
+            if self.state.step == self.cfg.fault.raise_at_step:
+                raise RuntimeError(f"fault.raise_at_step={self.state.step}: an error in the step, injected")
             if self.state.step in self.cfg.fault.nan_loss_at_steps:
                 loss = loss * float("nan")
             self.engine.backward(loss, last_micro_batch=micro == len(micro_batches) - 1)
@@ -216,7 +226,7 @@ class Trainer:
         progress = Progress(cfg.tracking, total, start_step=state.step, rank=env.rank)
         encode_autocast = self._encode_autocast()
         counters = StepCounters(env.device, state.nonfinite_skipped, state.nonfinite_in_a_row)
-        batches = iter(self.loader)
+        batches = self._batches = iter(self.loader)
         self._status("running")
         meter.reset()  # the first window starts here, not at start-up
         started, start_step, exit_code = time.perf_counter(), state.step, 0
@@ -372,7 +382,13 @@ class Trainer:
 def run(cfg: TrainConfig, config_dict: dict) -> int:
     env = init_distributed(cfg.cluster.device, single_needs_group=cfg.backend == "fsdp")
     trainer = Trainer(cfg, env, config_dict)
-    code = trainer.train()
+    try:
+        code = trainer.train()
+    except Exception:
+        trainer._status("failed")  # not left at "running" for `python -m launch status` and the chain
+        raise
+    finally:
+        trainer.stop_loader()
     if env.is_main:
         (trainer.run_dir / "last_exit.json").write_text(json.dumps({"exit_code": code, "step": trainer.state.step}))
     return code
