@@ -60,6 +60,7 @@ class Trainer:
                                           "shadow": self.engine.local_pieces(init.ema)})
         self.loader = ShardLoader(loader_config(cfg, pin_memory=env.device.type == "cuda"), env.rank,
                                   env.world_size)  # pinned: the step's copies to the GPU need not wait
+        self._batches = None  # train()'s iteration of the loader, ended by stop_loader()
         # Distinct diffusion noise per rank (and per stage), reproducible.
         self.generator = torch.Generator(env.device).manual_seed(cfg.run.seed * 1_000_003 + env.rank + 1)
         # The step counter is global across stages when a stage carries it; this stage ends `steps` later.
@@ -164,9 +165,8 @@ class Trainer:
     def stop_loader(self) -> None:
         """Ends train()'s iteration of the loader, which stops its workers (data/loader.py), also when train()
         left by an exception: otherwise the rank would not exit, and torchrun could not restart the group."""
-        batches = getattr(self, "_batches", None)
-        if batches is not None:
-            batches.close()
+        if self._batches is not None:
+            self._batches.close()
             self._batches = None
 
     def optimizer_step(self, micro_batches: list[dict], preempt_requested: bool, encode_autocast) -> StepOutcome:
