@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 from launch.config import ConfigError, StageJob, stage_job
 from launch.precompute import PrecomputeJob, same_work
+from train.overrides import later_wins, refuse_repeated
 
 # conf/stage/<name>.yaml, in training order (SD v1 model card).
 DEFAULT_STAGES = "v1-1_256,v1-1_512,v1-2,v1-3"
@@ -60,15 +61,15 @@ def split_overrides(tokens: Sequence[str], labels: Sequence[str]) -> tuple[list[
 
 def compose_chain(specs: Sequence[StageSpec], tokens: Sequence[str], *, strict: bool = True) -> list[StageJob]:
     """Every stage's job, composed (and, with `strict`, checked) before anything is submitted."""
+    refuse_repeated(tokens)
     common, scoped = split_overrides(tokens, [s.label for s in specs])
     jobs: list[StageJob] = []
     for spec in specs:
-        overrides = [f"stage={spec.config}", *common]
-        if spec.label != spec.config:
-            overrides.append(f"stage.name={spec.label}")
+        chained = [f"stage.name={spec.label}"] if spec.label != spec.config else []
         if jobs:
-            overrides.append(f"stage.init.from_checkpoint={jobs[-1].run_dir / 'export'}")
-        jobs.append(stage_job(overrides + scoped[spec.label], strict=strict))
+            chained.append(f"stage.init.from_checkpoint={jobs[-1].run_dir / 'export'}")
+        overrides = later_wins([f"stage={spec.config}", *common], chained, scoped[spec.label])
+        jobs.append(stage_job(overrides, strict=strict))
     dirs = [j.run_dir for j in jobs]
     if len(set(dirs)) != len(dirs):
         raise ConfigError(f"two stages share a run folder ({dirs}): keep run.dir's default "

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 from launch.precompute import PrecomputeJob, precompute_job
 from train import main as train_main  # importing it registers the schema ("train_schema") with Hydra
 from train.config import ClusterConfig, ConfigError, validate
+from train.overrides import for_hydra
 
 REPO = Path(__file__).resolve().parents[1]
 # The last seconds of the pre-emption grace belong to the batch shell (read status, requeue); the
@@ -53,7 +54,7 @@ class StageJob:
 def compose_config(overrides: Sequence[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=train_main.CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="config", overrides=for_hydra(overrides))
 
 
 def stage_job(overrides: Sequence[str], *, strict: bool = True) -> StageJob:
@@ -61,11 +62,10 @@ def stage_job(overrides: Sequence[str], *, strict: bool = True) -> StageJob:
     batch split, world size) and what Slurm would refuse (see check_cluster)."""
     try:
         cfg = compose_config(overrides)
+    except ConfigError:
+        raise
     except Exception as err:  # Hydra's errors name the bad override; add where the options are
-        hint = ""
-        if "mismatched input" in str(err) and any("{" in o for o in overrides):
-            hint = "; quote values with braces for Hydra: stage.data.shards='/data/{00000..00099}.tar'"
-        raise ConfigError(f"{err} (config groups live in {train_main.CONF_DIR}){hint}") from err
+        raise ConfigError(f"{err} (config groups live in {train_main.CONF_DIR})") from err
     run_dir = Path(str(cfg.run.dir)).expanduser().absolute()
     cluster: ClusterConfig = OmegaConf.to_object(
         OmegaConf.merge(OmegaConf.structured(ClusterConfig), cfg.cluster))

@@ -18,6 +18,7 @@ from launch.chain import compose_chain, execute, parse_stages, plan, plan_precom
 from launch.config import ConfigError, stage_job
 from launch.precompute import PRECOMPUTE_DIR
 from launch.sbatch import render_precompute
+from train.overrides import later_wins
 from launch.status import stage_rows
 from slurm_cluster import REPO, assert_latents_of, job_env, recording_submitter
 
@@ -31,9 +32,10 @@ def images(tmp_path_factory):
     return folder
 
 
-def _latent_stage(images, latents, *extra):
-    return ["stage=mini_test", f"stage.data.shards='{latents}/{{00000..00002}}.tar'", "stage.data.latents=true",
-            f"stage.data.precompute_from='{images}/{{00000..00002}}.tar'", *extra]
+def _latent_stage(images, latents, *changes):
+    return later_wins(["stage=mini_test", f"stage.data.shards='{latents}/{{00000..00002}}.tar'",
+                       "stage.data.latents=true", f"stage.data.precompute_from='{images}/{{00000..00002}}.tar'"],
+                      changes)
 
 
 def test_the_job_makes_the_stage_latents_with_the_stage_vae(images, tmp_path):
@@ -54,9 +56,9 @@ def test_the_job_makes_the_stage_latents_with_the_stage_vae(images, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (["stage.data.latents=false"], "makes latent shards, but stage.data.latents=false reads images"),
-    (["stage.data.shards='{L}/{{00000..00001}}.tar'"], "must list the same file names in the same order"),
-    (["stage.data.shards='{L}/{{00000..00001}}.tar,{L}/x/00002.tar'"], "latent shards in 2 folders"),
-    (["stage.data.shards='pipe:cat {L}/{{00000..00002}}.tar'"], "pipe: URL"),
+    (["stage.data.shards='{L}/{00000..00001}.tar'"], "must list the same file names in the same order"),
+    (["stage.data.shards='{L}/{00000..00001}.tar,{L}/x/00002.tar'"], "latent shards in 2 folders"),
+    (["stage.data.shards='pipe:cat {L}/{00000..00002}.tar'"], "pipe: URL"),
     (["model.arch=sd-v1"], "set model.pretrained_first_stage to the SD v1 checkpoint"),
     (["model.arch=mini"], "this arch has none"),
 ])

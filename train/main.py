@@ -1,10 +1,14 @@
 """`python -m train [hydra overrides]`: compose the config, validate it, train one stage.
 
-    python -m train stage=v1-1_256 cluster=reference_32x8 backend=fsdp stage.data.shards=/data/{00000..09999}.tar
+    python -m train stage=v1-1_256 cluster=reference_32x8 backend=fsdp stage.data.shards='/data/{00000..09999}.tar'
     python -m train --cfg job            # print the composed config
+
+The overrides pass through `train.overrides` first (brace patterns quoted for Hydra, a setting given
+twice refused).
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -12,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from train.config import ConfigError, TrainConfig
+from train.overrides import argv_for_hydra
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
@@ -27,7 +32,7 @@ def to_dataclass(cfg: DictConfig) -> TrainConfig:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
+def train_stage(cfg: DictConfig) -> None:
     from train.distributed import shutdown
     from train.trainer import run
 
@@ -38,6 +43,15 @@ def main(cfg: DictConfig) -> None:
         print(f"config error: {err}", flush=True)
         shutdown(2)
     shutdown(code)
+
+
+def main() -> None:
+    try:
+        sys.argv[1:] = argv_for_hydra(sys.argv[1:])  # hydra.main reads sys.argv
+    except ConfigError as err:
+        print(f"config error: {err}", flush=True)
+        sys.exit(2)
+    train_stage()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from train.overrides import later_wins
+
 STAGES = ("mini_v1-1_256", "mini_v1-1_512", "mini_v1-2", "mini_v1-3")
 RUN_NAME = "mini"
 PASS_FRACTION = 0.8
@@ -63,8 +65,9 @@ def environment_without_toy_warnings() -> dict[str, str]:
 
 def run_stage(stage: str, root: Path, procs: int, backend: str, extra: list[str]) -> None:
     """Through `python -m launch torchrun`, the launcher users run (cluster=local: N CPU processes, gloo)."""
-    cmd = [sys.executable, "-m", "launch", "torchrun", f"stage={stage}", f"run.root={root}", "cluster=local",
-           f"cluster.gpus_per_node={procs}", f"backend={backend}", *extra]
+    overrides = later_wins([f"stage={stage}", f"run.root={root}", "cluster=local", f"cluster.gpus_per_node={procs}",
+                            f"backend={backend}"], extra)
+    cmd = [sys.executable, "-m", "launch", "torchrun", *overrides]
     print(f"\n=== {stage}: {' '.join(cmd[1:])}", flush=True)
     code = subprocess.call(cmd, env=environment_without_toy_warnings())
     if code != 0:

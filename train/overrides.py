@@ -1,0 +1,79 @@
+"""Command-line overrides, made safe before Hydra reads them.
+
+A shard pattern has two ways to go wrong between the shell and Hydra:
+- quoted for the shell (`stage.data.shards='/data/{00000..09999}.tar'`), it reaches Hydra without the
+  quotes, and Hydra's override grammar refuses the braces ("mismatched input '{'"). Such a value is
+  quoted for Hydra here, so the form every shell user writes works;
+- not quoted, bash expands it into one override per shard (`stage.data.shards=/data/00000.tar ...`),
+  and Hydra keeps the last one: a run on a single shard, silently. A setting given twice on one command
+  line is refused here, with the fix.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+
+from train.config import ConfigError
+
+# A webdataset/braceexpand pattern: {00000..09999} or {a,b}.
+_BRACE_PATTERN = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
+# Values Hydra parses as something other than a plain string, or that are quoted already.
+_STRUCTURED = ("'", '"', "[", "{")
+
+
+def quote_for_hydra(override: str) -> str:
+    """`key=value` with the value in Hydra's quotes where it holds a brace pattern and is a plain string
+    (not quoted, not a list or dict, no `${...}` interpolation); any other override as it is."""
+    key, sep, value = override.partition("=")
+    if not sep or not value or value.startswith(_STRUCTURED) or "${" in value or "'" in value \
+            or not _BRACE_PATTERN.search(value):
+        return override
+    return f"{key}='{value}'"
+
+
+def refuse_repeated(overrides: Sequence[str]) -> None:
+    """A setting given more than once is a mistake Hydra does not catch (the last one wins)."""
+    values: dict[str, list[str]] = defaultdict(list)
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep:
+            values[key].append(value)
+    for key, given in values.items():
+        if len(given) > 1:
+            shown = ", ".join(given[:3]) + (", ..." if len(given) > 3 else "")
+            fix = "give each setting once"
+            if all("/" in value for value in given):  # paths: most likely a brace pattern the shell expanded
+                fix = (f"if the shell expanded a brace pattern into one setting per file, quote the pattern: "
+                       f"{key}='/data/{{00000..00099}}.tar'; otherwise " + fix)
+            raise ConfigError(f"{key} is given {len(given)} times ({shown}), and Hydra would keep only the last: {fix}")
+
+
+def later_wins(*sources: Sequence[str]) -> list[str]:
+    """The overrides of several sources as one command line, a key set by a later source replacing an
+    earlier source's (e.g. a chain stage's own `LABEL:key=value` over the common one): the command line
+    must not give a key twice."""
+    merged: dict[str, str] = {}
+    for source in sources:
+        for override in source:
+            key = override.partition("=")[0]
+            merged.pop(key, None)
+            merged[key] = override
+    return list(merged.values())
+
+
+def for_hydra(overrides: Sequence[str]) -> list[str]:
+    """The overrides of one command line, checked and quoted for Hydra."""
+    refuse_repeated(overrides)
+    return [quote_for_hydra(o) for o in overrides]
+
+
+def argv_for_hydra(argv: Sequence[str]) -> list[str]:
+    """`python -m train`'s arguments: the overrides as `for_hydra` makes them, Hydra's flags (`--cfg job`,
+    `-m`, ...) untouched."""
+    positions = [i for i, a in enumerate(argv) if "=" in a and not a.startswith("-")]
+    fixed = for_hydra([argv[i] for i in positions])
+    out = list(argv)
+    for i, override in zip(positions, fixed):
+        out[i] = override
+    return out
