@@ -1,4 +1,4 @@
-"""`python -m data {filter,download,download-env,precompute,synth}`: the data pipeline's commands.
+r"""`python -m data {filter,download,download-env,precompute,synth}`: the data pipeline's commands.
 
     python -m data filter laion2B-en/ --stage laion-improved-aesthetics --out subsets/aesthetics
     python -m data download-env --path .venv-img2dataset
