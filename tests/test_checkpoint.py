@@ -173,11 +173,26 @@ def test_convert_to_diffusers_chooses_ema_as_asked(tmp_path, tiny_models, flag, 
     assert torch.equal(unet["conv_in.weight"], want["input_blocks.0.0.weight"])
 
 
-def test_no_ema_on_single_copy_file_is_refused(tmp_path, tiny_models):
+def _refused(capsys, *args) -> str:
+    """convert's error for wrong inputs: exit 2 and a message, no traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        _convert(*args)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_no_ema_on_single_copy_file_is_refused(tmp_path, tiny_models, capsys):
     src = tmp_path / "ema.ckpt"
     save_ldm_checkpoint(src, tiny_models, ema_only=True)
-    with pytest.raises(ValueError, match="single copy"):
-        _convert(src, tmp_path / "pipe", "--arch", "tiny", "--no-ema")
+    assert "single copy" in _refused(capsys, src, tmp_path / "pipe", "--arch", "tiny", "--no-ema")
+
+
+def test_convert_refuses_a_missing_file_and_another_architecture(tmp_path, tiny_models, capsys):
+    assert "no checkpoint file at" in _refused(capsys, tmp_path / "missing.ckpt", tmp_path / "pipe")
+    src = tmp_path / "tiny.ckpt"
+    save_ldm_checkpoint(src, tiny_models)
+    err = _refused(capsys, src, tmp_path / "pipe", "--arch", "mini")  # strict load: other keys
+    assert "does not match the model" in err and "Traceback" not in err
 
 
 def test_diffusers_pipeline_loads_our_folder(tmp_path, tiny_models):

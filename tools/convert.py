@@ -23,6 +23,7 @@ from pathlib import Path
 
 from models import configs
 from models.adapters import diffusers_folder, ldm_checkpoint as ldm
+from models.adapters.keys import KeyMismatchError
 from models.schedule import schedule_buffers
 from models.stable_diffusion import split_ldm
 
@@ -86,10 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     dst_format = args.dst_format or detect_format(args.dst)
     if args.dst.exists() and dst_format == "diffusers" and any(args.dst.iterdir()):
         parser.error(f"{args.dst} exists and is not empty; choose a new folder")
-    cfg, weights = read(args.src, src_format, args.arch)
     if src_format == "diffusers" and args.ema is False:
         parser.error("a diffusers folder holds one UNet; --no-ema chooses between the two copies of a full-ema checkpoint")
-    write(args.dst, dst_format, cfg, weights, args.ema, log=lambda msg: print(msg, file=sys.stderr))
+    try:
+        cfg, weights = read(args.src, src_format, args.arch)
+        write(args.dst, dst_format, cfg, weights, args.ema, log=lambda msg: print(msg, file=sys.stderr))
+    except (ValueError, FileNotFoundError, KeyMismatchError) as err:  # wrong inputs: say what, without a traceback
+        parser.error(str(err))
     print(f"wrote {args.dst} ({dst_format}) from {args.src} ({src_format})", file=sys.stderr)
     return 0
 
