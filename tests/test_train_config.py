@@ -107,6 +107,22 @@ def test_model_settings_are_checked_with_the_choices():
     assert pinned.model.sd_config().unet.attention_backend == "sdpa-cudnn"
 
 
+@pytest.mark.parametrize("override, message", [
+    ("checkpoint.every_steps=0", "checkpoint.every_steps=0 must be >= 1"),  # was a modulo by zero at step 1
+    ("tracking.log_every=0", "tracking.log_every=0 must be >= 1"),
+    ("optim.lr=-1", r"optim.lr=-1.0 must be >= 0"),  # was torch's AdamW error, after the models were built
+    ("optim.warmup_steps=-5", "optim.warmup_steps=-5 must be >= 0"),  # was taken as no warmup
+    ("optim.grad_clip=0", "optim.grad_clip=0.0 must be > 0, or null"),
+    ("ema.max_decay=1.5", r"ema.max_decay=1.5 must be in \[0, 1\)"),  # was trained with
+    ("stage.steps=-3", "stage.steps=-3 must be >= 1"),  # was a stage "finished" at once
+    ("stage.global_batch=0", "stage.global_batch=0 must be >= 1"),
+])
+def test_numbers_out_of_range_are_refused_at_start_up(override, message):
+    cfg = _compose("stage=v1-1_256", "cluster=reference_32x8", override)
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg, 256)
+
+
 def test_world_size_must_match_the_cluster():
     cfg = _compose("stage=v1-1_256", "cluster=reference_32x8")
     with pytest.raises(ConfigError, match="cluster.nodes"):

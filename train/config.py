@@ -272,8 +272,38 @@ def loader_config(cfg: TrainConfig, pin_memory: bool = False):
                         shards_per_group=data.shards_per_group, pin_memory=pin_memory)
 
 
+def _numbers_out_of_range(cfg: TrainConfig) -> list[str]:
+    """Numeric settings outside the range they mean something in. Each would otherwise surface late and
+    garbled (a modulo by zero at the first step, torch's AdamW refusing the LR) or not at all (a negative
+    warmup, an EMA decay above 1, a stage of -3 steps that "finishes" at once)."""
+    o, s, c, t, ema = cfg.optim, cfg.stage, cfg.checkpoint, cfg.tracking, cfg.ema
+    rules = [
+        ("stage.steps", s.steps, s.steps >= 1, ">= 1"),
+        ("stage.global_batch", s.global_batch, s.global_batch >= 1, ">= 1"),
+        ("stage.micro_batch", s.micro_batch, s.micro_batch >= 1, ">= 1"),
+        ("optim.lr", o.lr, o.lr >= 0, ">= 0"),
+        ("optim.beta1", o.beta1, 0 <= o.beta1 < 1, "in [0, 1)"),
+        ("optim.beta2", o.beta2, 0 <= o.beta2 < 1, "in [0, 1)"),
+        ("optim.eps", o.eps, o.eps > 0, "> 0"),
+        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+        ("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, ">= 0 (0: no warmup)"),
+        ("optim.warmup_start", o.warmup_start, 0 <= o.warmup_start <= 1, "in [0, 1] (a multiplier of optim.lr)"),
+        ("optim.grad_clip", o.grad_clip, o.grad_clip is None or o.grad_clip > 0, "> 0, or null for no clipping"),
+        ("ema.max_decay", ema.max_decay, 0 <= ema.max_decay < 1, "in [0, 1)"),
+        ("checkpoint.every_steps", c.every_steps, c.every_steps >= 1, ">= 1"),
+        ("checkpoint.max_nonfinite_in_a_row", c.max_nonfinite_in_a_row, c.max_nonfinite_in_a_row >= 1, ">= 1"),
+        ("tracking.log_every", t.log_every, t.log_every >= 1, ">= 1"),
+        ("tracking.sample_every", t.sample_every, t.sample_every >= 0, ">= 0 (0: never)"),
+        ("tracking.val_every", t.val_every, t.val_every >= 0, ">= 0 (0: never)"),
+    ]
+    return [f"{name}={value} must be {allowed}" for name, value, ok, allowed in rules if not ok]
+
+
 def validate(cfg: TrainConfig, world_size: int) -> int:
     """Check the composed config; returns the gradient-accumulation steps."""
+    out_of_range = _numbers_out_of_range(cfg)
+    if out_of_range:
+        raise ConfigError("; ".join(out_of_range))
     if cfg.backend not in ("ddp", "fsdp", "deepspeed"):
         raise ConfigError(f"backend={cfg.backend!r}: choose ddp, fsdp or deepspeed")
     if cfg.parallel.precision not in ("bf16", "fp16", "fp32"):
