@@ -306,3 +306,20 @@ def test_clip_x0_auto_clamps_pixel_latents_only_and_bad_values_say_what_to_chang
     assert sampling_config(parser.parse_args(["--clip-x0", "1.5"])).clip_x0 == 1.5
     with pytest.raises(SystemExit):
         parser.parse_args(["--clip-x0", "sometimes"])
+
+
+def test_a_trainer_export_names_its_architecture(tmp_path):
+    import json
+
+    from tools.sample import checkpoint_arch
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.ckpt").write_bytes(b"")
+    (export / "export.json").write_text(json.dumps({"step": 3, "arch": "mini", "stage": "mini_v1-3"}))
+    assert checkpoint_arch(export / "model.ckpt", None) == "mini"  # no --arch needed
+    assert checkpoint_arch(export / "model.ckpt", "mini") == "mini"
+    with pytest.raises(ValueError, match="arch 'mini'.*not 'tiny'.*--arch mini"):
+        checkpoint_arch(export / "model.ckpt", "tiny")
+    assert checkpoint_arch(tmp_path / "sd-v1-3.ckpt", None) == "sd-v1"  # a released file
+    assert checkpoint_arch(tmp_path / "sd-v1-3.ckpt", "tiny") == "tiny"

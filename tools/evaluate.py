@@ -93,7 +93,7 @@ class EvalConfig:
     caption_seed: int = 0
     seed: int = 0  # image i uses seed + i
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    arch: str = "sd-v1"
+    arch: str | None = None  # None: a trainer export's own (its export.json), else sd-v1
     ema: bool | None = None  # None: EMA weights when a checkpoint has both copies
     names: tuple[str, ...] = ()
     batch_size: int = 8

@@ -2,7 +2,7 @@
 
     python -m tools.sample CKPT --prompt "a red bus" [--prompt ...] --seed 42 [--n-samples 1]
         [--scale 7.5] [--steps 50] [--sampler plms|ddim] [--eta 0] [--H 512] [--W 512]
-        [--ema | --no-ema] [--arch sd-v1|tiny] [--out outputs/samples] [--device cuda] [--precision autocast|full]
+        [--ema | --no-ema] [--arch sd-v1|tiny|mini] [--out outputs/samples] [--device cuda] [--precision autocast|full]
         [--clip-x0 auto|none|R]
 
 CKPT is an original `.ckpt`/`.safetensors` (released EMA-only or full-ema files, or the trainer's
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import sys
@@ -130,7 +131,20 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
     return path
 
 
-def _load_parts(source: Path, arch: str, ema: bool | None) -> tuple[SDModels, str]:
+def checkpoint_arch(checkpoint: Path, arch: str | None) -> str:
+    """The architecture to build for an original-layout file: the one asked for, else the one a trainer
+    export names in its export.json, else SD v1's. An export of another architecture than the one asked
+    for is refused here, before a strict load would list every key."""
+    record = checkpoint.parent / "export.json"
+    exported = json.loads(record.read_text()).get("arch") if checkpoint.name == EXPORT_FILE and record.is_file() \
+        else None
+    if arch is not None and exported is not None and arch != exported:
+        raise ValueError(f"{checkpoint} was exported by a run of arch {exported!r} ({record}), not {arch!r}: "
+                         f"leave out --arch, or pass --arch {exported}")
+    return arch or exported or "sd-v1"
+
+
+def _load_parts(source: Path, arch: str | None, ema: bool | None) -> tuple[SDModels, str]:
     source = resolve_checkpoint(source)
     if source.is_dir():
         from models.adapters.diffusers_folder import load_diffusers
@@ -143,6 +157,7 @@ def _load_parts(source: Path, arch: str, ema: bool | None) -> tuple[SDModels, st
         load_strict(m.vae, parts["vae"], "VAE")
         load_strict(m.text_encoder, parts["text_encoder"], "text encoder")
         return m, f"the UNet of the diffusers folder {source}"
+    arch = checkpoint_arch(source, arch)
     if arch not in ARCHS:
         raise ValueError(f"arch={arch!r}: choose one of {', '.join(sorted(ARCHS))}")
     m = load_ldm_checkpoint(source, ARCHS[arch]())
@@ -155,9 +170,10 @@ def _load_parts(source: Path, arch: str, ema: bool | None) -> tuple[SDModels, st
     return m, which
 
 
-def load_sampling_models(source: str | os.PathLike, arch: str = "sd-v1", ema: bool | None = None,
+def load_sampling_models(source: str | os.PathLike, arch: str | None = None, ema: bool | None = None,
                          device: torch.device | str = "cpu") -> SamplingModels:
-    """Load a checkpoint for sampling. ema=None: EMA weights when the file has both copies."""
+    """Load a checkpoint for sampling. arch=None: a trainer export's own, else sd-v1 (see checkpoint_arch);
+    ema=None: EMA weights when the file has both copies."""
     m, which = _load_parts(Path(source), arch, ema)
     device = torch.device(device)
     unet = m.unet.eval().requires_grad_(False).to(device)
@@ -252,8 +268,9 @@ def add_sampling_args(parser: argparse.ArgumentParser, scale: bool = True) -> No
     parser.add_argument("--clip-x0", type=_clip_x0_arg, default=d.clip_x0, metavar="auto|none|R",
                         help="clamp each step's predicted x0 to [-R, R]; auto: to the first stage's latent range "
                              "where it has one (the pixel-space first stage), never for SD's VAE")
-    parser.add_argument("--arch", choices=sorted(ARCHS), default="sd-v1",
-                        help="architecture of an original checkpoint (diffusers folders carry their own config)")
+    parser.add_argument("--arch", choices=sorted(ARCHS), default=None,
+                        help="architecture of an original checkpoint (default: a trainer export's, from its "
+                             "export.json, else sd-v1; diffusers folders carry their own config)")
     ema = parser.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_true", default=None,
                      help="EMA UNet weights (the default when the checkpoint has both copies)")
