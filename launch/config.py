@@ -18,7 +18,7 @@ from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 from launch.precompute import PrecomputeJob, precompute_job
 from train import main as train_main  # importing it registers the schema ("train_schema") with Hydra
 from train.config import ClusterConfig, ConfigError, validate
-from train.overrides import for_hydra
+from train.overrides import for_hydra, later_wins
 
 REPO = Path(__file__).resolve().parents[1]
 # The last seconds of the pre-emption grace belong to the batch shell (read status, requeue); the
@@ -81,7 +81,7 @@ def stage_job(overrides: Sequence[str], *, strict: bool = True) -> StageJob:
             precompute = precompute_job(train_main.to_dataclass(cfg), cluster)
         except (ConfigError, MissingMandatoryValue, ValueError):
             precompute = None
-    pinned = [o for o in overrides if not o.startswith("run.dir=")] + [f"run.dir={run_dir}"]
+    pinned = later_wins(overrides, [f"run.dir={run_dir}"])
     return StageJob(name=f"{cfg.run.name}.{cfg.stage.name}", stage=str(cfg.stage.name), run_dir=run_dir,
                     cluster=cluster, overrides=tuple(pinned), precompute=precompute)
 

@@ -90,6 +90,8 @@ def test_sweep_writes_images_metrics_and_reports(setup, finished):
         assert [f.name for f in files] == [f"{i:05d}.png" for i in range(N)]
         assert Image.open(files[0]).size == (64, 64)
     assert "EMA" in json.loads((out / "v1-x" / "checkpoint.json").read_text())["weights"]
+    # What was built for the checkpoint is recorded with it (resuming compares it).
+    assert json.loads((out / "eval.json").read_text())["checkpoints"]["v1-x"]["arch"] == "tiny"
 
     rows = sweep.read_results([out / "results.json"])[0]
     assert [(r["checkpoint"], r["scale"]) for r in rows] == [("v1-x", 1.5), ("v1-x", 4.0)]

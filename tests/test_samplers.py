@@ -316,7 +316,7 @@ def test_a_trainer_export_names_its_architecture(tmp_path):
     export = tmp_path / "export"
     export.mkdir()
     (export / "model.ckpt").write_bytes(b"")
-    (export / "export.json").write_text(json.dumps({"step": 3, "arch": "mini", "stage": "mini_v1-3"}))
+    (export / "export.json").write_text(json.dumps({"step": 3, "arch": "mini", "stage": "mini_v1-3"}))  # as train/export.py
     assert checkpoint_arch(export / "model.ckpt", None) == "mini"  # no --arch needed
     assert checkpoint_arch(export / "model.ckpt", "mini") == "mini"
     with pytest.raises(ValueError, match="arch 'mini'.*not 'tiny'.*--arch mini"):

@@ -65,8 +65,8 @@ from tools.metrics.coco import Caption, draw_captions, reference_files
 from tools.metrics.features import image_features
 from tools.metrics.fid import FeatureStats, feature_statistics, frechet_distance
 from tools.metrics.inception import file_sha256, load_fid_inception
-from tools.sample import (SamplingConfig, add_sampling_args, load_sampling_models, resolve_checkpoint, sampling_config,
-                          save_png, txt2img)
+from tools.sample import (SamplingConfig, add_sampling_args, checkpoint_arch, load_sampling_models, resolve_checkpoint,
+                          sampling_config, save_png, txt2img)
 from tools.sweep import (WandbConfig, add_wandb_args, image_grid, log_wandb, plot_fid_vs_clip, summarise,
                          wandb_config, write_results)
 
@@ -134,8 +134,8 @@ class EvalConfig:
     def protocol(self) -> dict:
         """What decides the images (not N: a larger draw extends a smaller one)."""
         sampling = {k: v for k, v in asdict(self.sampling).items() if k != "scale"}  # scales are swept
-        return {"sampling": sampling, "seed": self.seed, "caption_seed": self.caption_seed, "arch": self.arch,
-                "ema": self.ema}
+        # The architecture is each checkpoint's (prepare_out's checkpoint_entry), not the run's.
+        return {"sampling": sampling, "seed": self.seed, "caption_seed": self.caption_seed, "ema": self.ema}
 
 
 def _default_name(path: Path) -> str:
@@ -219,12 +219,19 @@ def _log(d: Dist, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def checkpoint_entry(checkpoint: Path, cfg: EvalConfig) -> dict:
+    """What a checkpoint's images come from: its file, which UNet copy, and the architecture built for it
+    (a trainer export's own unless --arch; a diffusers folder carries its config: None)."""
+    path = resolve_checkpoint(checkpoint)
+    return {"path": str(path.resolve()), "ema": cfg.ema,
+            "arch": None if path.is_dir() else checkpoint_arch(path, cfg.arch)}
+
+
 def prepare_out(cfg: EvalConfig, captions: list[Caption]) -> None:
     """Write (or check against) OUT/eval.json and OUT/captions.json."""
     cfg.out.mkdir(parents=True, exist_ok=True)
     meta_path, captions_path = cfg.out / "eval.json", cfg.out / "captions.json"
-    checkpoints = {n: {"path": str(resolve_checkpoint(c).resolve()), "ema": cfg.ema}
-                   for n, c in zip(cfg.checkpoint_names(), cfg.checkpoints)}
+    checkpoints = {n: checkpoint_entry(c, cfg) for n, c in zip(cfg.checkpoint_names(), cfg.checkpoints)}
     listed = [{**c.to_json(), "seed": cfg.seed + c.index} for c in captions]
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())

@@ -40,10 +40,10 @@ from models.unet import UNetModel
 from models.pixel_first_stage import PixelFirstStage
 from models.vae import AutoencoderKL
 from tools.convert import ARCHS
+from train.export import EXPORT_FILE, EXPORT_RECORD
 
 PRECISIONS = ("autocast", "full")
 CLIP_X0_WORDS = ("auto", "none")
-EXPORT_FILE = "model.ckpt"  # what the trainer writes under <run.dir>/export (train/export.py)
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ def checkpoint_arch(checkpoint: Path, arch: str | None) -> str:
     """The architecture to build for an original-layout file: the one asked for, else the one a trainer
     export names in its export.json, else SD v1's. An export of another architecture than the one asked
     for is refused here, before a strict load would list every key."""
-    record = checkpoint.parent / "export.json"
+    record = checkpoint.parent / EXPORT_RECORD
     exported = json.loads(record.read_text()).get("arch") if checkpoint.name == EXPORT_FILE and record.is_file() \
         else None
     if arch is not None and exported is not None and arch != exported:

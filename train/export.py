@@ -20,6 +20,7 @@ from models.stable_diffusion import load_ldm_checkpoint
 from train.config import ConfigError
 
 EXPORT_FILE = "model.ckpt"
+EXPORT_RECORD = "export.json"  # beside it: the step, the model.arch and the stage that wrote it
 
 
 @dataclass
@@ -88,7 +89,7 @@ def export_stage(trainer, out_dir: Path) -> Path | None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     ldm.write_checkpoint(tmp / EXPORT_FILE, sd, trainer.state.step)
-    (tmp / "export.json").write_text(json.dumps({"step": trainer.state.step, "arch": trainer.cfg.model.arch,
+    (tmp / EXPORT_RECORD).write_text(json.dumps({"step": trainer.state.step, "arch": trainer.cfg.model.arch,
                                                  "stage": trainer.cfg.stage.name}, indent=1))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
