@@ -275,8 +275,12 @@ def test_sweep_command_merges_results_and_finds_the_pareto_front(tmp_path):
     for i, part in enumerate((rows[:3], rows[3:])):
         sweep.write_results(part, tmp_path / f"run{i}", {"run": i})
     assert [(r["checkpoint"], r["scale"]) for r in sweep.pareto_front(rows)] == [("a", 3), ("a", 8)]
-    assert sweep.main([str(tmp_path / "run0" / "results.json"), str(tmp_path / "run1" / "results.json"),
-                       "--out", str(tmp_path / "merged"), "--model-card"]) == 0
+    # As a user runs it (the module once lacked its __main__ guard: the command did nothing, exit 0).
+    proc = subprocess.run([sys.executable, "-m", "tools.sweep", str(tmp_path / "run0" / "results.json"),
+                           str(tmp_path / "run1" / "results.json"), "--out", str(tmp_path / "merged"), "--model-card"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert str(tmp_path / "merged" / "pareto.png") in proc.stdout
     merged, _ = sweep.read_results([tmp_path / "merged" / "results.json"])
     assert merged == rows and Image.open(tmp_path / "merged" / "pareto.png").format == "PNG"
     assert "16.000" in sweep.summarise(rows)

@@ -209,3 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if wandb_cfg is not None:
         print(f"W&B: {log_wandb(wandb_cfg, rows, protocol, plot, {})}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
