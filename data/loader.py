@@ -86,8 +86,8 @@ class LoaderConfig:
     timeout_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.resolution % 8:
-            raise ValueError(f"loader.resolution={self.resolution} must be a multiple of 8 (the VAE factor)")
+        if self.resolution < 8 or self.resolution % 8:
+            raise ValueError(f"loader.resolution={self.resolution} must be a positive multiple of 8 (the VAE factor)")
         if self.batch_size < 1 or self.num_workers < 0 or self.shards_per_group < 1 or self.shuffle_buffer < 1:
             raise ValueError("loader: batch_size, shards_per_group, shuffle_buffer must be >= 1 and num_workers >= 0")
         if self.streams_per_rank is not None and self.streams_per_rank % max(1, self.num_workers):

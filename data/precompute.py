@@ -62,7 +62,7 @@ class PrecomputeConfig:
 
     def __post_init__(self) -> None:
         if self.resolution < 8 or self.resolution % 8:
-            raise ValueError(f"resolution={self.resolution}: must be a multiple of 8 (the VAE downsamples by 8)")
+            raise ValueError(f"resolution={self.resolution}: must be a positive multiple of 8 (the VAE downsamples by 8)")
         if self.batch_size < 1 or self.decode_workers < 1:
             raise ValueError("batch_size and decode_workers must be >= 1")
         if self.dtype not in DTYPES:

@@ -121,6 +121,9 @@ def write_synthetic_shards(out_dir: str | Path, num_shards: int, samples_per_sha
                            image_size: int = 64, seed: int = 0) -> list[Path]:
     """Writes shards 00000.tar ... and returns their paths. Deterministic from `seed`; each shard
     depends only on (seed, shard index), so a larger num_shards extends a smaller one."""
+    if num_shards < 1 or samples_per_shard < 1 or image_size < 8:
+        raise ValueError(f"num_shards={num_shards}, samples_per_shard={samples_per_shard}, image_size={image_size}: "
+                         "shards and samples must be >= 1, images at least 8 px (one latent pixel)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     digits = max(4, len(str(samples_per_shard - 1)))

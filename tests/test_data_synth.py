@@ -37,6 +37,16 @@ def test_img2dataset_layout_and_determinism(tmp_path):
     assert read_shard(other[1]) != members
 
 
+@pytest.mark.parametrize("flag", ["--shards=0", "--samples-per-shard=-1", "--image-size=4"])
+def test_synth_command_refuses_empty_or_degenerate_shards(tmp_path, flag, capsys):
+    from data.__main__ import main
+
+    # Each once wrote nothing, or shards with no sample, and reported success.
+    assert main(["synth", "--out", str(tmp_path / "s"), flag]) == 2
+    assert "must be >= 1, images at least 8 px" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
 def test_images_show_the_captioned_colour_and_sizes_vary(tmp_path):
     paths = write_synthetic_shards(tmp_path, 4, 25, image_size=64)
     metas = []

@@ -268,7 +268,7 @@ def test_config_errors_say_what_to_change(setup, tmp_path):
     assert evaluate._default_name(Path("/ckpts/sd-v1-3-full-ema.ckpt")) == "sd-v1-3-full-ema"
 
 
-def test_sweep_command_merges_results_and_finds_the_pareto_front(tmp_path):
+def test_sweep_command_merges_results_and_finds_the_pareto_front(tmp_path, capsys):
     rows = [{"checkpoint": c, "scale": s, "fid": f, "clip_score": k, "num_images": 10}
             for c, s, f, k in (("a", 2, 18.0, 0.24), ("a", 3, 16.0, 0.25), ("a", 8, 20.0, 0.26),
                                ("b", 2, 17.0, 0.245), ("b", 3, 16.5, 0.249))]
@@ -281,6 +281,9 @@ def test_sweep_command_merges_results_and_finds_the_pareto_front(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert str(tmp_path / "merged" / "pareto.png") in proc.stdout
+    with pytest.raises(SystemExit):  # a wrong path is the parser's message, not a traceback
+        sweep.main([str(tmp_path / "run2" / "results.json"), "--out", str(tmp_path / "merged")])
+    assert "No such file" in capsys.readouterr().err
     merged, _ = sweep.read_results([tmp_path / "merged" / "results.json"])
     assert merged == rows and Image.open(tmp_path / "merged" / "pareto.png").format == "PNG"
     assert "16.000" in sweep.summarise(rows)

@@ -116,6 +116,7 @@ def test_model_settings_are_checked_with_the_choices():
     ("ema.max_decay=1.5", r"ema.max_decay=1.5 must be in \[0, 1\)"),  # was trained with
     ("stage.steps=-3", "stage.steps=-3 must be >= 1"),  # was a stage "finished" at once
     ("stage.global_batch=0", "stage.global_batch=0 must be >= 1"),
+    ("stage.data.resolution=0", "stage.data.resolution=0 must be a positive multiple of 64"),  # was 0-px crops
 ])
 def test_numbers_out_of_range_are_refused_at_start_up(override, message):
     cfg = _compose("stage=v1-1_256", "cluster=reference_32x8", override)

@@ -195,7 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model-card", action="store_true", help="mark the model card's best points on the plot")
     add_wandb_args(parser)
     args = parser.parse_args(argv)
-    rows, protocols = read_results(args.results)
+    try:
+        rows, protocols = read_results(args.results)
+    except (OSError, ValueError) as err:  # a missing file, or not tools.evaluate's JSON
+        parser.error(str(err))
     if not rows:
         parser.error("no rows in " + ", ".join(map(str, args.results)))
     bad = [r for r in rows if not (math.isfinite(r["fid"]) and math.isfinite(r["clip_score"]))]

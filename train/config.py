@@ -322,8 +322,8 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
         raise ConfigError(f"ema.update_every={cfg.ema.update_every!r}: choose step or micro_batch")
     sd = cfg.model.sd_config()
     multiple = sd.vae.downsample_factor * 2 ** (len(sd.unet.channel_mult) - 1)
-    if cfg.stage.data.resolution % multiple:
-        raise ConfigError(f"stage.data.resolution={cfg.stage.data.resolution} must be a multiple of {multiple} "
+    if cfg.stage.data.resolution < multiple or cfg.stage.data.resolution % multiple:
+        raise ConfigError(f"stage.data.resolution={cfg.stage.data.resolution} must be a positive multiple of {multiple} "
                           f"(VAE factor {sd.vae.downsample_factor} x UNet downsampling "
                           f"{2 ** (len(sd.unet.channel_mult) - 1)})")
     if not 0.0 <= cfg.stage.data.caption_dropout < 1.0:
