@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.device import usable_device
+
 from .inputs import expand_inputs
 from .latent_format import CONTEXT_SHAPE, LATENT_CHANNELS, LatentShardWriter
 from .samples import IMAGE_EXTS
@@ -67,6 +69,7 @@ class PrecomputeConfig:
             raise ValueError("batch_size and decode_workers must be >= 1")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: choose {' or '.join(DTYPES)}")
+        usable_device(self.device)
         index, count = self.part
         if count < 1 or not 0 <= index < count:
             raise ValueError(f"part={self.part}: need 0 <= index < count")

@@ -323,3 +323,25 @@ def test_a_trainer_export_names_its_architecture(tmp_path):
         checkpoint_arch(export / "model.ckpt", "tiny")
     assert checkpoint_arch(tmp_path / "sd-v1-3.ckpt", None) == "sd-v1"  # a released file
     assert checkpoint_arch(tmp_path / "sd-v1-3.ckpt", "tiny") == "tiny"
+
+
+def test_the_device_asked_for_is_checked_before_any_weights_are_read(monkeypatch, tmp_path, capsys):
+    from models.device import usable_device
+    from tools import sample
+
+    assert usable_device("cpu") == torch.device("cpu")
+    for text, message in (("gpu", "give cpu, cuda or cuda:N"), ("mps", "runs on cpu or cuda")):
+        with pytest.raises(ValueError, match=message):
+            usable_device(text)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA device is visible here; use --device cpu"):
+        usable_device("cuda")
+    # It used to be torch's "Found no NVIDIA driver" traceback from the first .to(), after loading the file.
+    with pytest.raises(SystemExit):
+        sample.main([str(tmp_path / "absent.ckpt"), "--prompt", "x", "--device", "cuda"])
+    assert "no CUDA device is visible" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert usable_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"sees 2 GPU\(s\), cuda:0 to cuda:1"):
+        usable_device("cuda:2")

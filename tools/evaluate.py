@@ -59,6 +59,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from models.device import usable_device
 from tools.metrics.clip_score import DEFAULT_ARCH as CLIP_ARCH
 from tools.metrics.clip_score import load_clip
 from tools.metrics.coco import Caption, draw_captions, reference_files
@@ -121,6 +122,7 @@ class EvalConfig:
             raise ValueError(f"--names has {len(self.names)} names for {len(self.checkpoints)} checkpoints")
         if min(self.batch_size, self.metric_batch_size, self.grid_columns) < 1 or self.num_workers < 0:
             raise ValueError("--batch-size, --metric-batch-size and --grid-columns must be >= 1, --num-workers >= 0")
+        usable_device(self.device)
         names = self.checkpoint_names()
         if len(set(names)) != len(names):
             raise ValueError(f"checkpoints {list(self.checkpoints)} get the same names {names}: pass --names")

@@ -31,6 +31,7 @@ from PIL import Image
 
 from models.adapters import ldm_checkpoint as ldm
 from models.adapters.keys import load_strict
+from models.device import usable_device
 from models.guidance import ClassifierFreeGuidance, unconditional_context
 from models.samplers import DISCRETIZATIONS, SAMPLERS, ddim_timesteps, initial_noise, seeded_generators
 from models.stable_diffusion import SDModels, build_models, load_ldm_checkpoint
@@ -174,8 +175,8 @@ def load_sampling_models(source: str | os.PathLike, arch: str | None = None, ema
                          device: torch.device | str = "cpu") -> SamplingModels:
     """Load a checkpoint for sampling. arch=None: a trainer export's own, else sd-v1 (see checkpoint_arch);
     ema=None: EMA weights when the file has both copies."""
+    device = usable_device(str(device))  # before reading gigabytes of weights
     m, which = _load_parts(Path(source), arch, ema)
-    device = torch.device(device)
     unet = m.unet.eval().requires_grad_(False).to(device)
     vae = m.vae.eval().to(device)
     text_encoder = m.text_encoder.to(device)
