@@ -69,7 +69,10 @@ def compose_chain(specs: Sequence[StageSpec], tokens: Sequence[str], *, strict: 
         if jobs:
             chained.append(f"stage.init.from_checkpoint={jobs[-1].run_dir / 'export'}")
         overrides = later_wins([f"stage={spec.config}", *common], chained, scoped[spec.label])
-        jobs.append(stage_job(overrides, strict=strict))
+        try:
+            jobs.append(stage_job(overrides, strict=strict))
+        except ConfigError as err:  # say which stage, and how to set a value for it alone
+            raise ConfigError(f"stage {spec.label}: {err} (for this stage only: {spec.label}:key=value)") from None
     dirs = [j.run_dir for j in jobs]
     if len(set(dirs)) != len(dirs):
         raise ConfigError(f"two stages share a run folder ({dirs}): keep run.dir's default "

@@ -54,6 +54,11 @@ def test_the_reference_chain_composes_on_the_reference_cluster(tmp_path):
         "v1-3:stage.data.shards='/aesthetics/{00000..05999}.tar'"])
     assert [j.world_size for j in jobs] == [256] * 4
     assert jobs[3].overrides[-2:] == ("stage.data.shards='/aesthetics/{00000..05999}.tar'", f"run.dir={jobs[3].run_dir}")
+    # One stage left without its shards: the message names it, and the scoped form that sets them.
+    with pytest.raises(ConfigError, match=r"stage v1-2: these settings have no value.*stage\.data\.shards "
+                                          r"\(for this stage only: v1-2:key=value\)"):
+        compose_chain(parse_stages("v1-1_512,v1-2"), [
+            "cluster=reference_32x8", f"run.root={tmp_path}", "v1-1_512:stage.data.shards='/laion-hr/{0..9}.tar'"])
 
 
 def test_one_run_folder_for_every_stage_is_refused(tmp_path):
