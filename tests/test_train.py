@@ -186,6 +186,17 @@ def test_an_error_in_the_step_ends_every_rank_with_its_loader_workers(tmp_path, 
     assert status(run_dir)["state"] == "failed"
 
 
+def test_shards_that_are_not_there_stop_every_rank_at_start_up(tmp_path, shards):
+    """A brace range past the shards written (4 of 6 here): rank 0 lists the folder, says which, and the
+    group ends with the config-error code. It used to train on the 4, each missing shard skipped as
+    unreadable (all missing: the loader's error at the first step, after the models were built)."""
+    wider = shards.replace("{00000..00003}", "{00000..00005}")
+    proc = run_train(tmp_path, _overrides(wider, tmp_path / "run", "backend=ddp"), timeout=150, expect=None)
+    assert proc.returncode != 0
+    assert "stage.data.shards: 2 of its 6 shards are not there (" in proc.stdout
+    assert "00004.tar" in proc.stdout and not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_two_nodes_on_one_host_match_one_node(tmp_path, shards, ddp_reference):
     """Two torchrun agents (--nnodes=2, c10d rendezvous on 127.0.0.1), one process each."""
     from train_helpers import free_port

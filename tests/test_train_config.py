@@ -124,6 +124,23 @@ def test_numbers_out_of_range_are_refused_at_start_up(override, message):
         validate(cfg, 256)
 
 
+def test_local_shards_are_listed_once_per_folder_and_missing_ones_named(tmp_path):
+    from data.loader import missing_local_shards
+    from train.config import check_shards_exist
+
+    for name in ("00000.tar", "00001.tar"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "00002.tar").mkdir()  # a folder is not a shard
+    urls = [f"{tmp_path}/0000{i}.tar" for i in range(3)] + [f"file:{tmp_path}/00003.tar", f"{tmp_path}/x/00000.tar",
+                                                             "pipe:cat /nowhere.tar"]
+    assert missing_local_shards(urls) == urls[2:5]  # pipe: commands are not checked
+    check_shards_exist(_compose("stage=mini_test", f"stage.data.shards='{tmp_path}/{{00000..00001}}.tar'"))
+    val = _compose("stage=mini_test", f"stage.data.shards='{tmp_path}/00000.tar'", "tracking.val_every=5",
+                   f"stage.data.val_shards='{tmp_path}/held/{{0..1}}.tar'")
+    with pytest.raises(ConfigError, match=r"stage.data.val_shards: 2 of its 2 shards are not there \(.*held/0.tar"):
+        check_shards_exist(val)
+
+
 def test_world_size_must_match_the_cluster():
     cfg = _compose("stage=v1-1_256", "cluster=reference_32x8")
     with pytest.raises(ConfigError, match="cluster.nodes"):

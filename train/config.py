@@ -272,6 +272,23 @@ def loader_config(cfg: TrainConfig, pin_memory: bool = False):
                         shards_per_group=data.shards_per_group, pin_memory=pin_memory)
 
 
+def check_shards_exist(cfg: TrainConfig) -> None:
+    """Every local shard the stage names is there (a typo in a path or a brace range, or shards not yet
+    downloaded). Called on one rank at start-up, before the models are built."""
+    from data.loader import expand_shards, missing_local_shards
+
+    data = cfg.stage.data
+    for setting, shards in (("stage.data.shards", data.shards), ("stage.data.val_shards", data.val_shards)):
+        if shards is None:
+            continue
+        urls = expand_shards(shards)
+        missing = missing_local_shards(urls)
+        if missing:
+            shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+            raise ConfigError(f"{setting}: {len(missing)} of its {len(urls)} shards are not there ({shown}); check "
+                              "the folder and the brace range, or list only the shards that exist")
+
+
 def _numbers_out_of_range(cfg: TrainConfig) -> list[str]:
     """Numeric settings outside the range they mean something in. Each would otherwise surface late and
     garbled (a modulo by zero at the first step, torch's AdamW refusing the LR) or not at all (a negative

@@ -17,7 +17,7 @@ import torch
 from data.loader import ShardLoader
 from models.stable_diffusion import build_models
 from train import checkpoint as ckpt
-from train.config import TrainConfig, loader_config, validate
+from train.config import TrainConfig, check_shards_exist, loader_config, validate
 from train.distributed import DistEnv, barrier, init_distributed
 from train.ema import EMA
 from train.export import export_stage, load_stage_init
@@ -34,6 +34,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, env: DistEnv, config_dict: dict):
         self.cfg, self.env = cfg, env
         self.accumulation = validate(cfg, env.world_size)
+        if env.is_main:
+            check_shards_exist(cfg)  # before minutes of model building, and one rank lists the folders
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         if env.is_main:
