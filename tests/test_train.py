@@ -3,6 +3,7 @@ non-finite losses. Each run is a few steps of the tiny model on synthetic shards
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -109,6 +110,32 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path, shards, backend):
     resumed = read_run(files[-1])
     assert resumed.run_id == saved_id
     assert sorted(r["_step"] for r in resumed.history if "train/loss" in r) == [4, 5, 6]
+
+
+@pytest.mark.parametrize("backend", ["ddp", "fsdp", "deepspeed-3"])
+def test_a_checkpoint_exports_on_one_process_as_the_stage_exported_it(tmp_path, shards, ddp_reference, backend):
+    """checkpoint.export_latest=true, one process, from a checkpoint of 2 ranks: the trainer's own resume
+    (DCP resharding, ZeRO-3's universal conversion, the EMA's pieces put together), then the stage export's
+    writer. The latest checkpoint of a finished stage is its last step, so the result must be the stage's
+    own export/model.ckpt, bit for bit (raw UNet, EMA, VAE, text encoder, schedule)."""
+    name, _, zero = backend.partition("-")
+    extra = [f"backend={name}"] + ([f"parallel.zero_stage={zero}"] if zero else [])
+    run_dir = tmp_path / "run"
+    if name == "ddp":
+        shutil.copytree(ddp_reference, run_dir)
+    else:
+        run_train(tmp_path, _overrides(shards, run_dir, *extra))
+    before = (run_dir / "status.json").read_text()
+    run_train(tmp_path, _overrides(shards, run_dir, *extra, "checkpoint.export_latest=true"), nproc=1)
+    exported = run_dir / "exports" / "step-6"
+    a = exported_unet(run_dir)
+    b = torch.load(exported / "model.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and len(_ema(run_dir)) == 688
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    record = json.loads((exported / "export.json").read_text())
+    assert record == {"step": 6, "arch": "tiny", "stage": "mini_test",
+                      "checkpoint": str(run_dir / "checkpoints" / "step-6")}
+    assert (run_dir / "status.json").read_text() == before  # the run itself is left as it was
 
 
 def _workers(proc: subprocess.Popen) -> list[psutil.Process]:

@@ -169,3 +169,12 @@ def test_ema_follows_litema():
         ema.update(p)
     assert ema.num_updates == 30
     assert torch.allclose(ema.shadow["w"], reference, atol=1e-6)
+
+
+def test_export_latest_without_a_checkpoint_says_so_before_building_anything(tmp_path):
+    from train.export import export_latest
+
+    cfg = _compose("stage=mini_test", "stage.data.shards=x.tar", f"run.dir={tmp_path}", "checkpoint.export_latest=true")
+    with pytest.raises(ConfigError, match=r"no checkpoint in .*checkpoints: give the stage's run.dir"):
+        export_latest(cfg, None, {})
+    assert not (tmp_path / "checkpoints").exists()

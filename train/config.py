@@ -148,6 +148,9 @@ class CheckpointConfig:
     keep_last: int = 2
     # Consolidated export (original .ckpt + safetensors) at the end of the stage.
     export_on_finish: bool = True
+    # Instead of training: write the latest checkpoint as <run.dir>/exports/step-N/model.ckpt (raw + EMA, as the
+    # stage's own export) and exit; any number of processes, e.g. one on a CPU (train/export.py).
+    export_latest: bool = False
     # After this many non-finite losses in a row, save and abort.
     max_nonfinite_in_a_row: int = 5
 

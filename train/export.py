@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -69,8 +69,9 @@ def load_stage_init(cfg, sd_cfg, models) -> StageInit:
     return StageInit(ema=ema, ema_num_updates=ema_updates, step=int(src.global_step or 0) if init.step else 0)
 
 
-def export_stage(trainer, out_dir: Path) -> Path | None:
-    """All ranks call this (gathering shards is collective); rank 0 writes."""
+def export_stage(trainer, out_dir: Path, checkpoint: Path | None = None) -> Path | None:
+    """All ranks call this (gathering shards is collective); rank 0 writes. `checkpoint`: the checkpoint
+    exported as it is (recorded in export.json), rather than the end of the stage."""
     full = trainer.engine.full_state_dict()
     ema_full = trainer.engine.full_ema_state_dict(trainer.ema.shadow) if trainer.ema is not None else None
     if not trainer.env.is_main:
@@ -89,8 +90,40 @@ def export_stage(trainer, out_dir: Path) -> Path | None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     ldm.write_checkpoint(tmp / EXPORT_FILE, sd, trainer.state.step)
-    (tmp / EXPORT_RECORD).write_text(json.dumps({"step": trainer.state.step, "arch": trainer.cfg.model.arch,
-                                                 "stage": trainer.cfg.stage.name}, indent=1))
+    record = {"step": trainer.state.step, "arch": trainer.cfg.model.arch, "stage": trainer.cfg.stage.name}
+    if checkpoint is not None:
+        record["checkpoint"] = str(checkpoint)
+    (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=1))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir / EXPORT_FILE
+
+
+def export_latest(cfg, env, config_dict: dict) -> int:
+    """`checkpoint.export_latest=true`: the latest checkpoint of the run as <run.dir>/exports/step-N, in the
+    stage export's layout (tools.sample / tools.evaluate / tools.convert read it), to evaluate a stage while
+    it trains or after it stopped. It goes through the trainer's own resume, so any backend and any number
+    of ranks can read a checkpoint of any other number (e.g. one process on a CPU: cluster.device=cpu),
+    and the frozen parts come from where the stage takes them. Give the stage's own settings (arch, shards,
+    stage.init, pretrained_first_stage): the resume checks the data position against them. Nothing is
+    trained or logged, and the run's checkpoints and status are left as they are."""
+    from train.checkpoint import latest_checkpoint
+    from train.trainer import Trainer
+
+    ckpt_dir = Path(cfg.run.dir) / "checkpoints"
+    if latest_checkpoint(ckpt_dir) is None:  # before minutes of model building
+        raise ConfigError(f"checkpoint.export_latest: no checkpoint in {ckpt_dir}: give the stage's run.dir")
+    data = replace(cfg.stage.data, val_shards=None)
+    quiet = replace(cfg, stage=replace(cfg.stage, data=data),
+                    tracking=replace(cfg.tracking, wandb_mode="disabled", val_every=0, sample_every=0),
+                    # whatever cluster trained it: these processes are the world now
+                    cluster=replace(cfg.cluster, nodes=1, gpus_per_node=env.world_size))
+    trainer = Trainer(quiet, env, config_dict)
+    try:
+        out = trainer.run_dir / "exports" / f"step-{trainer.state.step}"
+        path = export_stage(trainer, out, checkpoint=trainer.resumed_from)
+    finally:
+        trainer.stop_loader()
+    if path is not None:
+        print(f"exported {trainer.resumed_from} -> {path}", flush=True)
+    return 0

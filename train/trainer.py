@@ -34,7 +34,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, env: DistEnv, config_dict: dict):
         self.cfg, self.env = cfg, env
         self.accumulation = validate(cfg, env.world_size)
-        if env.is_main:
+        if env.is_main and not cfg.checkpoint.export_latest:  # an export reads no data
             check_shards_exist(cfg)  # before minutes of model building, and one rank lists the folders
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -383,6 +383,10 @@ class Trainer:
 
 def run(cfg: TrainConfig, config_dict: dict) -> int:
     env = init_distributed(cfg.cluster.device, single_needs_group=cfg.backend == "fsdp")
+    if cfg.checkpoint.export_latest:
+        from train.export import export_latest
+
+        return export_latest(cfg, env, config_dict)
     trainer = Trainer(cfg, env, config_dict)
     try:
         code = trainer.train()
