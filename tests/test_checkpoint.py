@@ -161,6 +161,21 @@ def test_convert_round_trips_are_exact(tmp_path, tiny_models):
     assert torch.equal(ema_only["model.diffusion_model.out.2.bias"], tiny_models.unet_ema["out.2.bias"])
 
 
+def test_convert_reads_a_trainer_export_folder_and_its_architecture(tmp_path, tiny_models):
+    """`<run.dir>/export` or `exports/step-N` as the source: its model.ckpt, built as the arch its export.json
+    names. It used to be taken for a diffusers folder ("missing unet/config.json")."""
+    export = tmp_path / "exports" / "step-6"
+    export.mkdir(parents=True)
+    save_ldm_checkpoint(export / "model.ckpt", tiny_models)
+    (export / "export.json").write_text(json.dumps({"step": 6, "arch": "tiny", "stage": "mini_test"}))
+    _convert(export, tmp_path / "out.safetensors")  # no --arch
+    _convert(tmp_path / "out.safetensors", tmp_path / "back.ckpt", "--arch", "tiny")
+    _assert_same(torch.load(tmp_path / "back.ckpt", weights_only=True)["state_dict"],
+                 torch.load(export / "model.ckpt", weights_only=True)["state_dict"])
+    with pytest.raises(SystemExit):  # an --arch that contradicts the export is refused with the fix
+        convert.main([str(export), str(tmp_path / "x.safetensors"), "--arch", "sd-v1"])
+
+
 @pytest.mark.parametrize("flag,expect", [(None, "ema"), ("--ema", "ema"), ("--no-ema", "raw")])
 def test_convert_to_diffusers_chooses_ema_as_asked(tmp_path, tiny_models, flag, expect):
     from safetensors.torch import load_file

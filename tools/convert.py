@@ -3,8 +3,9 @@
     python -m tools.convert SRC DST [--from FMT] [--to FMT] [--ema | --no-ema] [--arch sd-v1|tiny]
 
 Formats are recognised from the paths: a directory (or a path without a suffix) is a diffusers
-pipeline folder; `.ckpt`/`.pt`/`.pth` is an original Lightning checkpoint; `.safetensors` is the
-original layout in safetensors.
+pipeline folder, unless it is a trainer export (`<run.dir>/export`, `<run.dir>/exports/step-N`: its
+model.ckpt is read, and its export.json names the architecture); `.ckpt`/`.pt`/`.pth` is an original
+Lightning checkpoint; `.safetensors` is the original layout in safetensors.
 
 Which UNet weights go where (a -full-ema checkpoint holds two copies: raw in model.diffusion_model.*,
 EMA in model_ema.*):
@@ -26,6 +27,7 @@ from models.adapters import diffusers_folder, ldm_checkpoint as ldm
 from models.adapters.keys import KeyMismatchError
 from models.schedule import schedule_buffers
 from models.stable_diffusion import split_ldm
+from train.export import EXPORT_FILE, checkpoint_arch
 
 FORMATS = ("diffusers", "ckpt", "safetensors")
 ARCHS = {"sd-v1": configs.sd_v1, "tiny": configs.tiny, "mini": configs.mini}
@@ -79,10 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument("--ema", dest="ema", action="store_true", default=None, help="use the EMA UNet weights")
     choice.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw (non-EMA) UNet weights")
-    parser.add_argument("--arch", choices=sorted(ARCHS), default="sd-v1",
-                        help="architecture of an original checkpoint (diffusers folders carry their own config)")
+    parser.add_argument("--arch", choices=sorted(ARCHS), default=None,
+                        help="architecture of an original checkpoint (default: a trainer export's own, from its "
+                             "export.json, else sd-v1; diffusers folders carry their own config)")
     args = parser.parse_args(argv)
 
+    if args.src.is_dir() and (args.src / EXPORT_FILE).is_file() and args.src_format in (None, "ckpt"):
+        args.src, args.src_format = args.src / EXPORT_FILE, "ckpt"  # a trainer export folder
     src_format = args.src_format or detect_format(args.src)
     dst_format = args.dst_format or detect_format(args.dst)
     if args.dst.exists() and dst_format == "diffusers" and any(args.dst.iterdir()):
@@ -90,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     if src_format == "diffusers" and args.ema is False:
         parser.error("a diffusers folder holds one UNet; --no-ema chooses between the two copies of a full-ema checkpoint")
     try:
-        cfg, weights = read(args.src, src_format, args.arch)
+        arch = checkpoint_arch(args.src, args.arch) if src_format != "diffusers" else "sd-v1"
+        cfg, weights = read(args.src, src_format, arch)
         write(args.dst, dst_format, cfg, weights, args.ema, log=lambda msg: print(msg, file=sys.stderr))
     except (ValueError, FileNotFoundError, KeyMismatchError) as err:  # wrong inputs: say what, without a traceback
         parser.error(str(err))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import sys
@@ -41,7 +40,7 @@ from models.unet import UNetModel
 from models.pixel_first_stage import PixelFirstStage
 from models.vae import AutoencoderKL
 from tools.convert import ARCHS
-from train.export import EXPORT_FILE, EXPORT_RECORD
+from train.export import checkpoint_arch, resolve_checkpoint  # noqa: F401 - tools.evaluate imports them from here
 
 PRECISIONS = ("autocast", "full")
 CLIP_X0_WORDS = ("auto", "none")
@@ -116,33 +115,6 @@ class SamplingModels:
         tokenizer = CLIPTokenizer()
         return cls(unet, vae, text_encoder, tokenizer, schedule.alphas_cumprod.detach().cpu().float(),
                    unconditional_context(tokenizer, text_encoder), torch.device(device), weights)
-
-
-def resolve_checkpoint(source: str | os.PathLike) -> Path:
-    """A file, a diffusers folder (model_index.json), or a trainer export folder (`<run.dir>/export`,
-    holding model.ckpt in the original layout) -> the path to load."""
-    path = Path(source)
-    if path.is_dir() and not (path / "model_index.json").is_file():
-        if (path / EXPORT_FILE).is_file():
-            return path / EXPORT_FILE
-        raise FileNotFoundError(f"{path}: neither a diffusers folder (model_index.json) nor a trainer export "
-                                f"({EXPORT_FILE})")
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return path
-
-
-def checkpoint_arch(checkpoint: Path, arch: str | None) -> str:
-    """The architecture to build for an original-layout file: the one asked for, else the one a trainer
-    export names in its export.json, else SD v1's. An export of another architecture than the one asked
-    for is refused here, before a strict load would list every key."""
-    record = checkpoint.parent / EXPORT_RECORD
-    exported = json.loads(record.read_text()).get("arch") if checkpoint.name == EXPORT_FILE and record.is_file() \
-        else None
-    if arch is not None and exported is not None and arch != exported:
-        raise ValueError(f"{checkpoint} was exported by a run of arch {exported!r} ({record}), not {arch!r}: "
-                         f"leave out --arch, or pass --arch {exported}")
-    return arch or exported or "sd-v1"
 
 
 def _load_parts(source: Path, arch: str | None, ema: bool | None) -> tuple[SDModels, str]:

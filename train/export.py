@@ -40,6 +40,33 @@ def _checkpoint_file(path: str) -> Path:
     return p
 
 
+def resolve_checkpoint(source: str | os.PathLike) -> Path:
+    """A file, a diffusers folder (model_index.json), or a trainer export folder (`<run.dir>/export`,
+    holding model.ckpt in the original layout) -> the path to load."""
+    path = Path(source)
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        if (path / EXPORT_FILE).is_file():
+            return path / EXPORT_FILE
+        raise FileNotFoundError(f"{path}: neither a diffusers folder (model_index.json) nor a trainer export "
+                                f"({EXPORT_FILE})")
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return path
+
+
+def checkpoint_arch(checkpoint: Path, arch: str | None) -> str:
+    """The architecture to build for an original-layout file: the one asked for, else the one a trainer
+    export names in its export.json, else SD v1's. An export of another architecture than the one asked
+    for is refused here, before a strict load would list every key."""
+    record = checkpoint.parent / EXPORT_RECORD
+    exported = json.loads(record.read_text()).get("arch") if checkpoint.name == EXPORT_FILE and record.is_file() \
+        else None
+    if arch is not None and exported is not None and arch != exported:
+        raise ValueError(f"{checkpoint} was exported by a run of arch {exported!r} ({record}), not {arch!r}: "
+                         f"leave out --arch, or pass --arch {exported}")
+    return arch or exported or "sd-v1"
+
+
 def load_stage_init(cfg, sd_cfg, models) -> StageInit:
     """Load what `stage.init` says to carry into `models` (before the UNet is wrapped)."""
     init = cfg.stage.init
