@@ -266,6 +266,8 @@ def test_config_errors_say_what_to_change(setup, tmp_path):
         sample.SamplingConfig(eta=0.5)
     assert evaluate.EvalConfig(**base, coco_images=tmp_path).checkpoint_names() == ["v1-x"]
     assert evaluate._default_name(Path("/ckpts/sd-v1-3-full-ema.ckpt")) == "sd-v1-3-full-ema"
+    assert evaluate._default_name(Path("/runs/sd/v1-2/export")) == "v1-2"
+    assert evaluate._default_name(Path("/runs/sd/v1-2/exports/step-5000/model.ckpt")) == "v1-2-step-5000"
 
 
 def test_sweep_command_merges_results_and_finds_the_pareto_front(tmp_path, capsys):
