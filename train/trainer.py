@@ -34,8 +34,6 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, env: DistEnv, config_dict: dict):
         self.cfg, self.env = cfg, env
         self.accumulation = validate(cfg, env.world_size)
-        if env.is_main and not cfg.checkpoint.export_latest:  # an export reads no data
-            check_shards_exist(cfg)  # before minutes of model building, and one rank lists the folders
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         if env.is_main:
@@ -387,6 +385,8 @@ def run(cfg: TrainConfig, config_dict: dict) -> int:
         from train.export import export_latest
 
         return export_latest(cfg, env, config_dict)
+    if env.is_main:
+        check_shards_exist(cfg)  # before minutes of model building; one rank lists the folders
     trainer = Trainer(cfg, env, config_dict)
     try:
         code = trainer.train()
