@@ -133,7 +133,8 @@ def export_latest(cfg, env, config_dict: dict) -> int:
     of ranks can read a checkpoint of any other number (e.g. one process on a CPU: cluster.device=cpu),
     and the frozen parts come from where the stage takes them. Give the stage's own settings (arch, shards,
     stage.init, pretrained_first_stage): the resume checks the data position against them. Nothing is
-    trained or logged, and the run's checkpoints and status are left as they are."""
+    trained or logged, and the run's status is left as it is (DeepSpeed partitions read on another number
+    of ranks leave their universal conversion beside the checkpoint, as any such resume does)."""
     from train.checkpoint import latest_checkpoint
     from train.trainer import Trainer
 
