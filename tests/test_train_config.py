@@ -139,6 +139,9 @@ def test_local_shards_are_listed_once_per_folder_and_missing_ones_named(tmp_path
                    f"stage.data.val_shards='{tmp_path}/held/{{0..1}}.tar'")
     with pytest.raises(ConfigError, match=r"stage.data.val_shards: 2 of its 2 shards are not there \(.*held/0.tar"):
         check_shards_exist(val)
+    s3 = _compose("stage=mini_test", "stage.data.shards='s3://bucket/{00000..00001}.tar'")
+    with pytest.raises(ConfigError, match=r"write s3://bucket/00000.tar as 'pipe:aws s3 cp s3://bucket/00000.tar -'"):
+        check_shards_exist(s3)
 
 
 def test_world_size_must_match_the_cluster():

@@ -288,8 +288,11 @@ def check_shards_exist(cfg: TrainConfig) -> None:
         missing = missing_local_shards(urls)
         if missing:
             shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
-            raise ConfigError(f"{setting}: {len(missing)} of its {len(urls)} shards are not there ({shown}); check "
-                              "the folder and the brace range, or list only the shards that exist")
+            remote = any("://" in url.removeprefix("file:") for url in missing)
+            fix = ("the loader reads local paths and pipe: commands: write s3://bucket/00000.tar as "
+                   "'pipe:aws s3 cp s3://bucket/00000.tar -'" if remote else
+                   "check the folder and the brace range, or list only the shards that exist")
+            raise ConfigError(f"{setting}: {len(missing)} of its {len(urls)} shards are not there ({shown}); {fix}")
 
 
 def _numbers_out_of_range(cfg: TrainConfig) -> list[str]:
