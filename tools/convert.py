@@ -27,7 +27,7 @@ from models.adapters import diffusers_folder, ldm_checkpoint as ldm
 from models.adapters.keys import KeyMismatchError
 from models.schedule import schedule_buffers
 from models.stable_diffusion import split_ldm
-from train.export import EXPORT_FILE, checkpoint_arch
+from train.export import checkpoint_arch, resolve_checkpoint
 
 FORMATS = ("diffusers", "ckpt", "safetensors")
 ARCHS = {"sd-v1": configs.sd_v1, "tiny": configs.tiny, "mini": configs.mini}
@@ -86,8 +86,11 @@ def main(argv: list[str] | None = None) -> int:
                              "export.json, else sd-v1; diffusers folders carry their own config)")
     args = parser.parse_args(argv)
 
-    if args.src.is_dir() and (args.src / EXPORT_FILE).is_file() and args.src_format in (None, "ckpt"):
-        args.src, args.src_format = args.src / EXPORT_FILE, "ckpt"  # a trainer export folder
+    if args.src.is_dir() and args.src_format in (None, "ckpt"):
+        try:  # a trainer export folder is read as its model.ckpt; a diffusers folder stays as it is
+            args.src = resolve_checkpoint(args.src)
+        except FileNotFoundError as err:
+            parser.error(str(err))
     src_format = args.src_format or detect_format(args.src)
     dst_format = args.dst_format or detect_format(args.dst)
     if args.dst.exists() and dst_format == "diffusers" and any(args.dst.iterdir()):
