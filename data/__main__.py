@@ -5,6 +5,7 @@ r"""`python -m data {filter,download,download-env,precompute,synth}`: the data p
     python -m data download subsets/aesthetics --stage laion-improved-aesthetics --out shards/aesthetics
     python -m data precompute shards/aesthetics --checkpoint sd-v1-1.ckpt --stage laion-improved-aesthetics \
         --no-text --out latents/aesthetics
+    python -m data precompute shards/aesthetics --vae kl-f8/model.ckpt --text-encoder clip-vit-large-patch14 ...
     python -m data synth --out shards/synth --shards 4 --samples-per-shard 256
 
 Each prints a summary at the end; filter, download and precompute also write a JSON report.
@@ -106,8 +107,16 @@ def cmd_precompute(args) -> int:
 
     from .precompute import PrecomputeConfig, load_models, local_device, part_from_env, precompute_shards
 
-    if (args.checkpoint is None) == (not args.random):
-        raise SystemExit("precompute: give --checkpoint PATH, or --random for randomly initialised models (smoke tests)")
+    sources = [flag for flag, given in (("--checkpoint", args.checkpoint), ("--vae", args.vae), ("--random", args.random))
+               if given]
+    if len(sources) != 1:
+        raise SystemExit("precompute: give one of --checkpoint PATH (an SD v1 checkpoint), --vae PATH [--text-encoder "
+                         "DIR], or --random for randomly initialised models (smoke tests)"
+                         + (f"; not {' and '.join(sources)}" if sources else ""))
+    if args.text_encoder and not args.vae:
+        raise SystemExit("precompute: --text-encoder goes with --vae (--checkpoint holds its own text encoder)")
+    if args.vae and not args.text_encoder and not args.no_text:
+        raise SystemExit("precompute: the caption contexts need the text encoder: add --text-encoder DIR, or --no-text")
     resolution = args.resolution or (get_stage(args.stage).image_size if args.stage else None)
     if resolution is None:
         raise SystemExit("precompute: give --resolution or --stage")
@@ -121,7 +130,8 @@ def cmd_precompute(args) -> int:
     config = PrecomputeConfig(resolution=resolution, batch_size=args.batch_size, text=not args.no_text,
                               device=local_device(args.device), dtype=args.dtype,
                               decode_workers=args.decode_workers, part=(index, count))
-    vae, text_encoder = load_models(args.checkpoint, args.arch, seed=args.seed)
+    vae, text_encoder = load_models(args.checkpoint, args.arch, seed=args.seed, vae=args.vae,
+                                    text_encoder=args.text_encoder)
     tokenizer = None if args.no_text else CLIPTokenizer()
     report = precompute_shards(args.inputs, args.out, vae, text_encoder, tokenizer, config, progress=not args.no_progress)
     print(report.summary())
@@ -228,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image shards (.tar) or folders of them")
     p.add_argument("--out", required=True)
     p.add_argument("--checkpoint", help="an SD v1 .ckpt/.safetensors (its VAE and text encoder are used)")
+    p.add_argument("--vae", help="instead: the VAE alone, from the LDM autoencoder's model.ckpt (kl-f8) or a "
+                   "diffusers vae/ folder")
+    p.add_argument("--text-encoder", help="with --vae: a transformers CLIP folder (openai/clip-vit-large-patch14)")
     p.add_argument("--random", action="store_true", help="random models instead of a checkpoint (smoke tests)")
     p.add_argument("--arch", choices=["sd-v1", "tiny"], default="sd-v1")
     p.add_argument("--seed", type=int, default=0, help="for --random")

@@ -135,10 +135,14 @@ def local_device(device: str, environ=os.environ) -> str:
     return f"cuda:{int(local)}"
 
 
-def load_models(checkpoint: str | os.PathLike | None, arch: str = "sd-v1", seed: int = 0):
-    """(vae, text_encoder) from an original SD v1 checkpoint, or random ones when checkpoint is None
-    (smoke tests: the latents are then meaningless)."""
+def load_models(checkpoint: str | os.PathLike | None, arch: str = "sd-v1", seed: int = 0,
+                vae: str | os.PathLike | None = None, text_encoder: str | os.PathLike | None = None):
+    """(vae, text_encoder) from an original SD v1 checkpoint, or from `vae` (and `text_encoder`) on their
+    own (models/pretrained_parts.py), or random ones when none is given (smoke tests: the latents are then
+    meaningless); a part not given is random."""
+    from models.adapters.keys import load_strict
     from models.configs import sd_v1, tiny
+    from models.pretrained_parts import text_encoder_state_dict, vae_state_dict
     from models.stable_diffusion import build_models, load_ldm_checkpoint
 
     configs = {"sd-v1": sd_v1, "tiny": tiny}
@@ -146,7 +150,12 @@ def load_models(checkpoint: str | os.PathLike | None, arch: str = "sd-v1", seed:
         raise ValueError(f"arch={arch!r}: choose {' or '.join(configs)}")
     if checkpoint is None:
         torch.manual_seed(seed)
-        models = build_models(configs[arch]())
+        cfg = configs[arch]()
+        models = build_models(cfg)
+        if vae is not None:
+            load_strict(models.vae, vae_state_dict(vae, cfg.vae), "VAE")
+        if text_encoder is not None:
+            load_strict(models.text_encoder, text_encoder_state_dict(text_encoder, cfg.text), "text encoder")
     else:
         models = load_ldm_checkpoint(checkpoint, configs[arch]())
     # Only the frozen parts are needed; let the UNet go now.

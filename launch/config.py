@@ -17,7 +17,7 @@ from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
 from launch.precompute import PrecomputeJob, precompute_job
 from train import main as train_main  # importing it registers the schema ("train_schema") with Hydra
-from train.config import ClusterConfig, ConfigError, validate
+from train.config import ClusterConfig, ConfigError, check_frozen_sources, validate
 from train.overrides import for_hydra, later_wins
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +73,7 @@ def stage_job(overrides: Sequence[str], *, strict: bool = True) -> StageJob:
     if strict:
         typed = train_main.to_dataclass(cfg)
         validate(typed, cluster.nodes * cluster.gpus_per_node)
+        check_frozen_sources(typed, on_disk=False)  # the files may be on the nodes only
         check_cluster(cluster)
         check_first_shard(typed.stage.data, str(cfg.stage.name))
         precompute = precompute_job(typed, cluster)

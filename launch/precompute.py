@@ -9,8 +9,8 @@ latents (v1-2 and v1-3) and later submissions find one job. It is done when ever
 (each is written under a temporary name and renamed when complete), so a job stopped part-way (time
 limit, pre-emption, a failed node) is simply submitted again and skips the shards already written.
 
-The latents must come from the VAE the stage trains with: `model.pretrained_first_stage`'s, or (toy
-models only) the random one the trainer builds from `run.seed`; encoded in the precision the stage's
+The latents must come from the VAE the stage trains with: `model.pretrained_first_stage`'s or
+`model.pretrained_vae` (with `model.pretrained_text_encoder` for caption contexts), or (toy models only) the random one the trainer builds from `run.seed`; encoded in the precision the stage's
 loop would encode images in (bf16 autocast at `parallel.precision=bf16`).
 """
 from __future__ import annotations
@@ -70,6 +70,10 @@ def _check_images(first: Path) -> None:
                           "precompute_from and point stage.data.shards at them)") from None
 
 
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().absolute())
+
+
 def precompute_job(cfg, cluster: ClusterConfig) -> PrecomputeJob | None:
     """The job that makes the stage's latent shards from `stage.data.precompute_from`, or None if unset.
     `cfg` is the typed config (train.config.TrainConfig), already validated."""
@@ -92,13 +96,22 @@ def precompute_job(cfg, cluster: ClusterConfig) -> PrecomputeJob | None:
     if cfg.model.arch not in ARCHS:
         raise ConfigError(f"stage.data.precompute_from with model.arch={cfg.model.arch}: latent shards come from a "
                           f"VAE ({' or '.join(ARCHS)}); this arch has none")
-    if cfg.model.pretrained_first_stage:
-        source = ["--checkpoint", str(Path(cfg.model.pretrained_first_stage).expanduser().absolute())]
-    elif cfg.model.arch == "tiny":
+    model = cfg.model
+    if model.pretrained_first_stage:
+        source = ["--checkpoint", _absolute(model.pretrained_first_stage)]
+    elif model.pretrained_vae:
+        source = ["--vae", _absolute(model.pretrained_vae)]
+        if data.context:
+            if not model.pretrained_text_encoder:
+                raise ConfigError("stage.data.context=true: the caption contexts come from the stage's text encoder; "
+                                  "set model.pretrained_text_encoder beside model.pretrained_vae")
+            source += ["--text-encoder", _absolute(model.pretrained_text_encoder)]
+    elif model.arch == "tiny" and not model.pretrained_text_encoder:
         source = ["--random", "--seed", str(cfg.run.seed)]  # the trainer's own random VAE
     else:
         raise ConfigError("stage.data.precompute_from: set model.pretrained_first_stage to the SD v1 checkpoint whose "
-                          "VAE the stages train with; the latents must come from that VAE")
+                          "VAE the stages train with (or model.pretrained_vae to that VAE); the latents must come "
+                          "from that VAE")
     out_dir = latents[0].parent
     # The encode precision the stage's loop would use on images (bf16 autocast, else float32: SD's VAE
     # overflows in fp16), so the latents are the ones the run would make itself.

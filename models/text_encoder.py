@@ -19,6 +19,10 @@ from models.adapters.keys import KeyMismatchError
 from models.configs import TextEncoderConfig
 
 
+# A CLIPModel's keys that are not its text tower's.
+_OTHER_TOWER = ("vision_model.", "visual_projection.", "text_projection.", "logit_scale")
+
+
 class _Transformer(nn.Module):
     """Only there to put the `text_model.` level into the key names (the original
     FrozenCLIPEmbedder.transformer was a transformers 4.19 CLIPTextModel, which had it)."""
@@ -50,13 +54,16 @@ class FrozenCLIPTextEncoder(nn.Module):
 
     @classmethod
     def from_pretrained_dir(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> "FrozenCLIPTextEncoder":
-        """Loads a local transformers/diffusers `text_encoder/` folder (config.json + weights)."""
+        """Loads a local transformers/diffusers `text_encoder/` folder (config.json + weights), or a whole
+        CLIPModel's folder (openai/clip-vit-large-patch14): its text tower, as FrozenCLIPEmbedder took it."""
         path = Path(path)
         if not (path / "config.json").is_file():
             hint = f"; did you mean {path / 'text_encoder'}?" if (path / "text_encoder" / "config.json").is_file() else ""
             raise FileNotFoundError(f"{path}: not a text_encoder folder (no config.json there){hint}")
         model, info = CLIPTextModel.from_pretrained(path, local_files_only=True, dtype=dtype, output_loading_info=True)
-        # from_pretrained only warns about missing keys and initialises them at random; we refuse.
+        # from_pretrained only warns about missing keys and initialises them at random; we refuse. Of a whole
+        # CLIPModel only the image tower and the two projections are left out.
+        info["unexpected_keys"] = [k for k in info.get("unexpected_keys", ()) if not k.startswith(_OTHER_TOWER)]
         bad = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
         if bad or info.get("error_msgs"):
             raise KeyMismatchError(f"{path}: weights do not match the config: {bad or info['error_msgs']}")

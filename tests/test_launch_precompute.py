@@ -52,6 +52,9 @@ def test_the_job_makes_the_stage_latents_with_the_stage_vae(images, tmp_path):
     assert "--no-text" not in fp32.args and fp32.args[3:6] == ("--random", "--seed", "3")
     assert fp32.args[fp32.args.index("--dtype") + 1] == "float32"
     assert stage_job(["stage=mini_test", f"stage.data.shards='{images}/00000.tar'"]).precompute is None
+    parts = stage_job(_latent_stage(images, tmp_path / "lat", "stage.data.context=true", "model.pretrained_vae=/kl-f8.ckpt",
+                                    "model.pretrained_text_encoder=/clip")).precompute
+    assert parts.args[3:7] == ("--vae", "/kl-f8.ckpt", "--text-encoder", "/clip")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -59,8 +62,12 @@ def test_the_job_makes_the_stage_latents_with_the_stage_vae(images, tmp_path):
     (["stage.data.shards='{L}/{00000..00001}.tar'"], "must list the same file names in the same order"),
     (["stage.data.shards='{L}/{00000..00001}.tar,{L}/x/00002.tar'"], "latent shards in 2 folders"),
     (["stage.data.shards='pipe:cat {L}/{00000..00002}.tar'"], "pipe: URL"),
-    (["model.arch=sd-v1"], "set model.pretrained_first_stage to the SD v1 checkpoint"),
+    # A later stage takes its frozen parts from the previous export, which does not exist yet when the
+    # latents are made: they need the VAE named.
+    (["model.arch=sd-v1", "stage.init.from_checkpoint=/prev/export"],
+     "set model.pretrained_first_stage to the SD v1 checkpoint"),
     (["model.arch=mini"], "this arch has none"),
+    (["stage.data.context=true", "model.pretrained_vae=/kl-f8.ckpt"], "set model.pretrained_text_encoder beside"),
 ])
 def test_settings_the_job_cannot_serve_are_refused(images, tmp_path, change, message):
     change = [c.replace("{L}", str(tmp_path / "lat")) for c in change]

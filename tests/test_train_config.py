@@ -8,7 +8,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from train.config import ConfigError, TrainConfig, accumulation_steps, validate
+from train.config import ConfigError, TrainConfig, accumulation_steps, check_frozen_sources, validate
 from train.ema import EMA
 from train.lr import warmup_multiplier
 from train.main import CONF_DIR, to_dataclass
@@ -20,7 +20,7 @@ CLUSTERS = sorted(p.stem for p in (Path(CONF_DIR) / "cluster").glob("*.yaml"))
 def _compose(*overrides) -> TrainConfig:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=list(overrides))
-    # Settings a user must give (data location, pretrained first stage) get placeholders here.
+    # Settings a user must give (the data location) get placeholders here.
     for key in OmegaConf.missing_keys(cfg):
         OmegaConf.update(cfg, key, "/placeholder")
     return to_dataclass(cfg)
@@ -181,3 +181,23 @@ def test_export_latest_without_a_checkpoint_says_so_before_building_anything(tmp
     with pytest.raises(ConfigError, match=r"no checkpoint in .*checkpoints: give the stage's run.dir"):
         export_latest(cfg, None, {})
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_stage_from_scratch_must_name_its_pretrained_frozen_parts(tmp_path):
+    """v1-1 at 256 px starts from scratch, so its VAE and CLIP must come from somewhere: one SD checkpoint, or
+    each where SD v1 took it; the later stages take them from stage.init.from_checkpoint."""
+    with pytest.raises(ConfigError, match=r"model.pretrained_vae and model.pretrained_text_encoder not set: give "
+                                          r"model.pretrained_first_stage=PATH"):
+        check_frozen_sources(_compose("stage=v1-1_256"), on_disk=False)
+    with pytest.raises(ConfigError, match=r"model.pretrained_text_encoder not set"):
+        check_frozen_sources(_compose("stage=v1-1_256", "model.pretrained_vae=/kl-f8/model.ckpt"), on_disk=False)
+    with pytest.raises(ConfigError, match="both name a source of the frozen parts"):
+        check_frozen_sources(_compose("stage=v1-1_256", "model.pretrained_first_stage=/sd-v1-1.ckpt",
+                                      "model.pretrained_vae=/kl-f8/model.ckpt"), on_disk=False)
+    parts = _compose("stage=v1-1_256", f"model.pretrained_vae={tmp_path}/model.ckpt",
+                     f"model.pretrained_text_encoder={tmp_path}/clip")
+    check_frozen_sources(parts, on_disk=False)
+    with pytest.raises(ConfigError, match=rf"model.pretrained_vae={tmp_path}/model.ckpt: nothing is there"):
+        check_frozen_sources(parts)
+    check_frozen_sources(_compose("stage=v1-2"), on_disk=False)
+    check_frozen_sources(_compose("stage=mini_test"))  # toy models train on random frozen parts

@@ -5,6 +5,7 @@ with a message that says what to change.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -19,8 +20,14 @@ class ModelConfig:
     attention_backend: str = "sdpa"
     # none | full | selective (see models/configs.py UNetConfig)
     activation_checkpointing: str = "none"
-    # Frozen parts come from here (an original .ckpt / safetensors); None = random init (tests, toy runs).
+    # Frozen parts come from here (an original .ckpt / safetensors, or a trainer export folder); None = random
+    # init (tests, toy runs).
     pretrained_first_stage: Optional[str] = None
+    # Or each from where SD v1 took it (models/pretrained_parts.py), instead of pretrained_first_stage: the
+    # LDM autoencoder's kl-f8 model.ckpt (or a diffusers vae/ folder), and a transformers CLIP folder
+    # (openai/clip-vit-large-patch14, or a CLIPTextModel's).
+    pretrained_vae: Optional[str] = None
+    pretrained_text_encoder: Optional[str] = None
 
     def sd_config(self) -> model_configs.SDConfig:
         archs = {"sd-v1": model_configs.sd_v1, "tiny": model_configs.tiny, "mini": model_configs.mini}
@@ -293,6 +300,29 @@ def check_shards_exist(cfg: TrainConfig) -> None:
                    "'pipe:aws s3 cp s3://bucket/00000.tar -'" if remote else
                    "check the folder and the brace range, or list only the shards that exist")
             raise ConfigError(f"{setting}: {len(missing)} of its {len(urls)} shards are not there ({shown}); {fix}")
+
+
+def check_frozen_sources(cfg: TrainConfig, on_disk: bool = True) -> None:
+    """SD v1 trains on a pretrained VAE's latents and a pretrained CLIP's features: a stage that starts
+    from scratch must say where they come from (a later stage takes them from stage.init.from_checkpoint).
+    With `on_disk`, each source named must be there. Called at start-up before the models are built, and by
+    the launcher before it submits (not in validate(): the benchmarks build sd-v1 with random frozen parts)."""
+    model = cfg.model
+    parts = {"model.pretrained_vae": model.pretrained_vae, "model.pretrained_text_encoder": model.pretrained_text_encoder}
+    given = [key for key, value in parts.items() if value]
+    if model.pretrained_first_stage and given:
+        raise ConfigError(f"model.pretrained_first_stage and {' and '.join(given)} both name a source of the frozen "
+                          "parts: give the one SD checkpoint, or the VAE and the text encoder each, not both")
+    if model.arch == "sd-v1" and cfg.stage.init.from_checkpoint is None and not model.pretrained_first_stage \
+            and len(given) < 2:
+        lacking = " and ".join(key for key in parts if key not in given)
+        raise ConfigError(f"model.arch=sd-v1 from scratch needs its frozen parts pretrained; {lacking} not set: give "
+                          "model.pretrained_first_stage=PATH (an SD v1 .ckpt), or model.pretrained_vae=PATH (kl-f8's "
+                          "model.ckpt) and model.pretrained_text_encoder=DIR (openai/clip-vit-large-patch14)")
+    if on_disk:
+        for key, value in {"model.pretrained_first_stage": model.pretrained_first_stage, **parts}.items():
+            if value and not os.path.exists(os.path.expanduser(value)):
+                raise ConfigError(f"{key}={value}: nothing is there")
 
 
 def _numbers_out_of_range(cfg: TrainConfig) -> list[str]:

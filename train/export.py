@@ -16,6 +16,7 @@ import torch
 
 from models.adapters import ldm_checkpoint as ldm
 from models.adapters.keys import load_strict
+from models.pretrained_parts import text_encoder_state_dict, vae_state_dict
 from models.stable_diffusion import load_ldm_checkpoint
 from train.config import ConfigError
 
@@ -30,12 +31,12 @@ class StageInit:
     step: int = 0
 
 
-def _checkpoint_file(path: str) -> Path:
-    p = Path(path)
+def _checkpoint_file(path: str, setting: str) -> Path:
+    p = Path(path).expanduser()
     if p.is_dir():
         p = p / EXPORT_FILE
     if not p.is_file():
-        raise ConfigError(f"stage.init.from_checkpoint={path}: no {EXPORT_FILE} there; point it at a finished "
+        raise ConfigError(f"{setting}={path}: no {EXPORT_FILE} there; point it at a finished "
                           "stage's <run.dir>/export or at an original .ckpt")
     return p
 
@@ -71,16 +72,22 @@ def load_stage_init(cfg, sd_cfg, models) -> StageInit:
     """Load what `stage.init` says to carry into `models` (before the UNet is wrapped)."""
     init = cfg.stage.init
     if cfg.model.pretrained_first_stage:
-        src = load_ldm_checkpoint(_checkpoint_file(cfg.model.pretrained_first_stage), sd_cfg)
+        src = load_ldm_checkpoint(_checkpoint_file(cfg.model.pretrained_first_stage, "model.pretrained_first_stage"),
+                                  sd_cfg)
         load_strict(models.vae, src.vae.state_dict(), "VAE")
         load_strict(models.text_encoder, src.text_encoder.state_dict(), "text encoder")
+    if cfg.model.pretrained_vae:
+        load_strict(models.vae, vae_state_dict(cfg.model.pretrained_vae, sd_cfg.vae), "VAE")
+    if cfg.model.pretrained_text_encoder:
+        state = text_encoder_state_dict(cfg.model.pretrained_text_encoder, sd_cfg.text)
+        load_strict(models.text_encoder, state, "text encoder")
     if init.from_checkpoint is None:
         return StageInit()
     if init.optimizer:
         raise ConfigError("stage.init.optimizer=true: carrying AdamW moments across stages is not supported; SD v1's "
                           "later stages start a fresh optimiser. Set it to false (the v1-1 256->512 change of "
                           "resolution is a new stage too)")
-    src = load_ldm_checkpoint(_checkpoint_file(init.from_checkpoint), sd_cfg)
+    src = load_ldm_checkpoint(_checkpoint_file(init.from_checkpoint, "stage.init.from_checkpoint"), sd_cfg)
     # The frozen parts always come along: a stage must see the latents its predecessor was trained on.
     load_strict(models.vae, src.vae.state_dict(), "VAE")
     load_strict(models.text_encoder, src.text_encoder.state_dict(), "text encoder")

@@ -17,7 +17,7 @@ import torch
 from data.loader import ShardLoader
 from models.stable_diffusion import build_models
 from train import checkpoint as ckpt
-from train.config import TrainConfig, check_shards_exist, loader_config, validate
+from train.config import TrainConfig, check_frozen_sources, check_shards_exist, loader_config, validate
 from train.distributed import DistEnv, barrier, init_distributed
 from train.ema import EMA
 from train.export import export_stage, load_stage_init
@@ -387,6 +387,7 @@ def run(cfg: TrainConfig, config_dict: dict) -> int:
         return export_latest(cfg, env, config_dict)
     if env.is_main:
         check_shards_exist(cfg)  # before minutes of model building; one rank lists the folders
+        check_frozen_sources(cfg)
     trainer = Trainer(cfg, env, config_dict)
     try:
         code = trainer.train()

@@ -56,7 +56,7 @@ def _write_component(folder: Path, config: dict, tensors: dict[str, torch.Tensor
               metadata={"format": "pt"})
 
 
-def _read_component(folder: Path, weights_name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_component(folder: Path, weights_name: str) -> tuple[dict, dict[str, torch.Tensor]]:
     config_path, weights_path = folder / "config.json", folder / weights_name
     for p in (config_path, weights_path):
         if not p.is_file():
@@ -88,9 +88,9 @@ def load_diffusers(folder: str | Path) -> tuple[SDConfig, dict[str, dict[str, to
     from ..configs import ScheduleConfig
 
     folder = Path(folder)
-    unet_cfg, unet = _read_component(folder / "unet", DIFFUSERS_WEIGHTS)
-    vae_cfg, vae = _read_component(folder / "vae", DIFFUSERS_WEIGHTS)
-    text_cfg, text = _read_component(folder / "text_encoder", TRANSFORMERS_WEIGHTS)
+    unet_cfg, unet = read_component(folder / "unet", DIFFUSERS_WEIGHTS)
+    vae_cfg, vae = read_component(folder / "vae", DIFFUSERS_WEIGHTS)
+    text_cfg, text = read_component(folder / "text_encoder", TRANSFORMERS_WEIGHTS)
     schedule = ScheduleConfig()
     sched_path = folder / "scheduler" / "scheduler_config.json"
     if sched_path.is_file():
