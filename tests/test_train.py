@@ -114,7 +114,7 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path, shards, backend):
 
 @pytest.mark.parametrize("backend", ["ddp", "fsdp", "deepspeed-3"])
 def test_a_checkpoint_exports_on_one_process_as_the_stage_exported_it(tmp_path, shards, ddp_reference, backend):
-    """checkpoint.export_latest=true, one process, from a checkpoint of 2 ranks: the trainer's own resume
+    """checkpoint.export=latest, one process, from a checkpoint of 2 ranks: the trainer's own resume
     (DCP resharding, ZeRO-3's universal conversion, the EMA's pieces put together), then the stage export's
     writer. The latest checkpoint of a finished stage is its last step, so the result must be the stage's
     own export/model.ckpt, bit for bit (raw UNet, EMA, VAE, text encoder, schedule)."""
@@ -126,7 +126,7 @@ def test_a_checkpoint_exports_on_one_process_as_the_stage_exported_it(tmp_path, 
     else:
         run_train(tmp_path, _overrides(shards, run_dir, *extra))
     before = (run_dir / "status.json").read_text()
-    run_train(tmp_path, _overrides(shards, run_dir, *extra, "checkpoint.export_latest=true"), nproc=1)
+    run_train(tmp_path, _overrides(shards, run_dir, *extra, "checkpoint.export=latest"), nproc=1)
     exported = run_dir / "exports" / "step-6"
     a = exported_unet(run_dir)
     b = torch.load(exported / "model.ckpt", map_location="cpu", weights_only=True)["state_dict"]
@@ -136,6 +136,22 @@ def test_a_checkpoint_exports_on_one_process_as_the_stage_exported_it(tmp_path, 
     assert record == {"step": 6, "arch": "tiny", "stage": "mini_test",
                       "checkpoint": str(run_dir / "checkpoints" / "step-6")}
     assert (run_dir / "status.json").read_text() == before  # the run itself is left as it was
+
+
+def test_a_kept_step_exports_as_a_stage_that_ended_there(tmp_path, shards, ddp_reference):
+    """checkpoint.export=3 of the 6-step reference run (checkpoints at 3 and 6), on one process: the model a
+    run of 3 steps exported itself, bit for bit (the schedule, the data order and the noise do not depend
+    on the stage's length)."""
+    short = tmp_path / "short"
+    run_train(tmp_path, _overrides(shards, short, "backend=ddp", "stage.steps=3"))
+    run_dir = tmp_path / "run"
+    shutil.copytree(ddp_reference, run_dir)
+    run_train(tmp_path, _overrides(shards, run_dir, "backend=ddp", "checkpoint.export=3"), nproc=1)
+    a = exported_unet(short)
+    b = torch.load(run_dir / "exports" / "step-3" / "model.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((run_dir / "exports" / "step-3" / "export.json").read_text())["checkpoint"] == \
+        str(run_dir / "checkpoints" / "step-3")
 
 
 def _workers(proc: subprocess.Popen) -> list[psutil.Process]:

@@ -174,13 +174,33 @@ def test_ema_follows_litema():
     assert torch.allclose(ema.shadow["w"], reference, atol=1e-6)
 
 
-def test_export_latest_without_a_checkpoint_says_so_before_building_anything(tmp_path):
-    from train.export import export_latest
+def test_an_export_without_its_checkpoint_says_so_before_building_anything(tmp_path):
+    from train.checkpoint import _prune
+    from train.export import export_checkpoint
 
-    cfg = _compose("stage=mini_test", "stage.data.shards=x.tar", f"run.dir={tmp_path}", "checkpoint.export_latest=true")
+    cfg = _compose("stage=mini_test", "stage.data.shards=x.tar", f"run.dir={tmp_path}", "checkpoint.export=latest")
     with pytest.raises(ConfigError, match=r"no checkpoint in .*checkpoints: give the stage's run.dir"):
-        export_latest(cfg, None, {})
+        export_checkpoint(cfg, None, {})
     assert not (tmp_path / "checkpoints").exists()
+    for step in (3, 6, 9, 12, 15):
+        (tmp_path / "checkpoints" / f"step-{step}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step-{step}" / "meta.json").write_text("{}")
+    _prune(tmp_path / "checkpoints", keep_last=2, keep_every=6)  # the newest two, and the multiples of 6
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-12", "step-15", "step-6"]
+    cfg = _compose("stage=mini_test", "stage.data.shards=x.tar", f"run.dir={tmp_path}", "checkpoint.export=9")
+    with pytest.raises(ConfigError, match=r"checkpoint.export=9: no such checkpoint in .* \(steps there: 6, 12, 15\)"):
+        export_checkpoint(cfg, None, {})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("checkpoint.export=last", "give latest, or the step of a checkpoint the run kept"),
+    ("checkpoint.keep_every=1000", "keep_every=1000 is not a multiple of checkpoint.every_steps=3"),
+    ("checkpoint.keep_every=-3", "checkpoint.keep_every=-3 must be >= 0"),
+])
+def test_export_and_milestone_settings_are_checked(override, message):
+    cfg = _compose("stage=mini_test", "stage.data.shards=x.tar", override)
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg, 1)
 
 
 def test_a_stage_from_scratch_must_name_its_pretrained_frozen_parts(tmp_path):

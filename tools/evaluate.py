@@ -143,7 +143,7 @@ class EvalConfig:
 def _default_name(path: Path) -> str:
     """The file's stem or the folder's name; a generic one (the trainer's export/model.ckpt) is replaced by
     the first folder above it with a telling name (run/v1-2/export/model.ckpt -> v1-2); a checkpoint's export
-    (checkpoint.export_latest) is named with its stage and step (run/v1-2/exports/step-5000 -> v1-2-step-5000)."""
+    (checkpoint.export) is named with its stage and step (run/v1-2/exports/step-5000 -> v1-2-step-5000)."""
     name = path.stem if path.suffix in (".ckpt", ".safetensors", ".pt", ".pth") else path.name
     while name in GENERIC_NAMES and path.parent != path:
         path = path.parent

@@ -87,7 +87,7 @@ def seed_everything(seed: int) -> None:
 
 
 def save_checkpoint(ckpt_dir: Path, state: TrainState, engine, rank_state: dict, rank: int, world_size: int,
-                    keep_last: int) -> Path:
+                    keep_last: int, keep_every: int = 0) -> Path:
     """Every rank calls this. Returns the final folder."""
     final = ckpt_dir / f"step-{state.step}"
     tmp = ckpt_dir / f"step-{state.step}.tmp"
@@ -107,16 +107,23 @@ def save_checkpoint(ckpt_dir: Path, state: TrainState, engine, rank_state: dict,
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_atomic(ckpt_dir / LATEST, final.name)
-        _prune(ckpt_dir, keep_last)
+        _prune(ckpt_dir, keep_last, keep_every)
     barrier()
     return final
 
 
-def _prune(ckpt_dir: Path, keep_last: int) -> None:
-    steps = sorted((int(p.name.split("-")[1]), p) for p in ckpt_dir.glob("step-*")
-                   if p.is_dir() and not p.name.endswith(".tmp"))
-    for _, path in steps[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+def saved_steps(ckpt_dir: Path) -> dict[int, Path]:
+    """The complete checkpoints in `ckpt_dir` by step, in order."""
+    found = {int(p.name.split("-")[1]): p for p in ckpt_dir.glob("step-*")
+             if p.is_dir() and not p.name.endswith(".tmp") and (p / "meta.json").is_file()}
+    return dict(sorted(found.items()))
+
+
+def _prune(ckpt_dir: Path, keep_last: int, keep_every: int = 0) -> None:
+    """All but the newest `keep_last`, except the milestones (steps that are multiples of `keep_every`)."""
+    for step, path in list(saved_steps(ckpt_dir).items())[:-keep_last]:
+        if not (keep_every and step % keep_every == 0):
+            shutil.rmtree(path, ignore_errors=True)
     for stale in ckpt_dir.glob("step-*.tmp"):  # left by a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)
 

@@ -153,11 +153,15 @@ class StageConfig:
 class CheckpointConfig:
     every_steps: int = 1000
     keep_last: int = 2
+    # Checkpoints at multiples of this step stay whatever keep_last says, to evaluate the stage over its
+    # training later (CompVis kept one every 10k steps the same way, for metrics over train steps); 0: none.
+    keep_every: int = 0
     # Consolidated export (original .ckpt + safetensors) at the end of the stage.
     export_on_finish: bool = True
-    # Instead of training: write the latest checkpoint as <run.dir>/exports/step-N/model.ckpt (raw + EMA, as the
-    # stage's own export) and exit; any number of processes, e.g. one on a CPU (train/export.py).
-    export_latest: bool = False
+    # Instead of training: "latest", or a step whose checkpoint is kept: write that checkpoint as
+    # <run.dir>/exports/step-N/model.ckpt (raw + EMA, as the stage's own export) and exit; any number of
+    # processes, e.g. one on a CPU (train/export.py).
+    export: Optional[str] = None
     # After this many non-finite losses in a row, save and abort.
     max_nonfinite_in_a_row: int = 5
 
@@ -344,6 +348,7 @@ def _numbers_out_of_range(cfg: TrainConfig) -> list[str]:
         ("optim.grad_clip", o.grad_clip, o.grad_clip is None or o.grad_clip > 0, "> 0, or null for no clipping"),
         ("ema.max_decay", ema.max_decay, 0 <= ema.max_decay < 1, "in [0, 1)"),
         ("checkpoint.every_steps", c.every_steps, c.every_steps >= 1, ">= 1"),
+        ("checkpoint.keep_every", c.keep_every, c.keep_every >= 0, ">= 0 (0: none)"),
         ("checkpoint.max_nonfinite_in_a_row", c.max_nonfinite_in_a_row, c.max_nonfinite_in_a_row >= 1, ">= 1"),
         ("tracking.log_every", t.log_every, t.log_every >= 1, ">= 1"),
         ("tracking.sample_every", t.sample_every, t.sample_every >= 0, ">= 0 (0: never)"),
@@ -389,6 +394,14 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
         loader_config(cfg)
     except ValueError as err:
         raise ConfigError(f"stage.data.* sets {err}") from err
+    if cfg.checkpoint.export is not None and cfg.checkpoint.export != "latest" \
+            and not (cfg.checkpoint.export.isdigit() and int(cfg.checkpoint.export) > 0):
+        raise ConfigError(f"checkpoint.export={cfg.checkpoint.export!r}: give latest, or the step of a checkpoint "
+                          "the run kept (see <run.dir>/checkpoints)")
+    if cfg.checkpoint.keep_every % cfg.checkpoint.every_steps:
+        raise ConfigError(f"checkpoint.keep_every={cfg.checkpoint.keep_every} is not a multiple of "
+                          f"checkpoint.every_steps={cfg.checkpoint.every_steps}: checkpoints are saved at multiples of "
+                          "every_steps only, so make it one")
     if cfg.checkpoint.keep_last < 2:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last}: keep at least 2 so a crash while "
                           "saving leaves a loadable one")

@@ -133,27 +133,38 @@ def export_stage(trainer, out_dir: Path, checkpoint: Path | None = None) -> Path
     return out_dir / EXPORT_FILE
 
 
-def export_latest(cfg, env, config_dict: dict) -> int:
-    """`checkpoint.export_latest=true`: the latest checkpoint of the run as <run.dir>/exports/step-N, in the
-    stage export's layout (tools.sample / tools.evaluate / tools.convert read it), to evaluate a stage while
-    it trains or after it stopped. It goes through the trainer's own resume, so any backend and any number
-    of ranks can read a checkpoint of any other number (e.g. one process on a CPU: cluster.device=cpu),
-    and the frozen parts come from where the stage takes them. Give the stage's own settings (arch, shards,
-    stage.init, pretrained_first_stage): the resume checks the data position against them. Nothing is
-    trained or logged, and the run's status is left as it is (DeepSpeed partitions read on another number
-    of ranks leave their universal conversion beside the checkpoint, as any such resume does)."""
-    from train.checkpoint import latest_checkpoint
+def export_checkpoint(cfg, env, config_dict: dict) -> int:
+    """`checkpoint.export=latest|STEP`: that checkpoint of the run as <run.dir>/exports/step-N, in the stage
+    export's layout (tools.sample / tools.evaluate / tools.convert read it), to evaluate a stage while it
+    trains, after it stopped, or at the steps it kept (checkpoint.keep_every). It goes through the trainer's
+    own resume, so any backend and any number of ranks can read a checkpoint of any other number (e.g. one
+    process on a CPU: cluster.device=cpu), and the frozen parts come from where the stage takes them. Give
+    the stage's own settings (arch, shards, stage.init, the pretrained parts): the resume checks the data
+    position against them. Nothing is trained or logged, and the run's status is left as it is (DeepSpeed
+    partitions read on another number of ranks leave their universal conversion beside the checkpoint, as
+    any such resume does)."""
+    from train.checkpoint import latest_checkpoint, saved_steps
     from train.trainer import Trainer
 
     ckpt_dir = Path(cfg.run.dir) / "checkpoints"
-    if latest_checkpoint(ckpt_dir) is None:  # before minutes of model building
-        raise ConfigError(f"checkpoint.export_latest: no checkpoint in {ckpt_dir}: give the stage's run.dir")
+    # Found before minutes of model building.
+    if cfg.checkpoint.export == "latest":
+        chosen = latest_checkpoint(ckpt_dir)
+        if chosen is None:
+            raise ConfigError(f"checkpoint.export=latest: no checkpoint in {ckpt_dir}: give the stage's run.dir")
+    else:
+        kept = saved_steps(ckpt_dir)
+        chosen = kept.get(int(cfg.checkpoint.export))
+        if chosen is None:
+            there = ", ".join(str(step) for step in kept) or "none"
+            raise ConfigError(f"checkpoint.export={cfg.checkpoint.export}: no such checkpoint in {ckpt_dir} (steps "
+                              f"there: {there}); checkpoint.keep_every=N keeps the multiples of N")
     data = replace(cfg.stage.data, val_shards=None)
     quiet = replace(cfg, stage=replace(cfg.stage, data=data),
                     tracking=replace(cfg.tracking, wandb_mode="disabled", val_every=0, sample_every=0),
                     # whatever cluster trained it: these processes are the world now
                     cluster=replace(cfg.cluster, nodes=1, gpus_per_node=env.world_size))
-    trainer = Trainer(quiet, env, config_dict)
+    trainer = Trainer(quiet, env, config_dict, checkpoint=chosen)
     try:
         out = trainer.run_dir / "exports" / f"step-{trainer.state.step}"
         path = export_stage(trainer, out, checkpoint=trainer.resumed_from)

@@ -31,7 +31,9 @@ from train.step_results import PendingStep, StepCounters, StepOutcome, vote
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, env: DistEnv, config_dict: dict):
+    def __init__(self, cfg: TrainConfig, env: DistEnv, config_dict: dict, checkpoint: Path | None = None):
+        """`checkpoint`: resume from this one rather than the latest (an export of a kept step only: training
+        on from it would save steps below the latest, which the pruning of old checkpoints would delete)."""
         self.cfg, self.env = cfg, env
         self.accumulation = validate(cfg, env.world_size)
         self.run_dir = Path(cfg.run.dir)
@@ -65,7 +67,7 @@ class Trainer:
         self.generator = torch.Generator(env.device).manual_seed(cfg.run.seed * 1_000_003 + env.rank + 1)
         # The step counter is global across stages when a stage carries it; this stage ends `steps` later.
         self.state = ckpt.TrainState(step=init.step, extra={"stage_start": init.step})
-        self.resumed_from = self._resume()
+        self.resumed_from = self._resume(checkpoint)
 
         from train.tracking import Tracker
 
@@ -105,8 +107,8 @@ class Trainer:
         return {"ema": self.ema.state_dict() if self.ema else None, "generator": self.generator.get_state(),
                 "loader": self.loader.state_dict(), "rng": ckpt.rng_state()}
 
-    def _resume(self) -> Path | None:
-        latest = ckpt.latest_checkpoint(self.ckpt_dir)
+    def _resume(self, checkpoint: Path | None) -> Path | None:
+        latest = checkpoint or ckpt.latest_checkpoint(self.ckpt_dir)
         if latest is None:
             return None
         self.state, saved = ckpt.load_checkpoint(latest, self.engine, self.env.world_size)
@@ -145,7 +147,7 @@ class Trainer:
 
     def save(self) -> Path:
         return ckpt.save_checkpoint(self.ckpt_dir, self.state, self.engine, self._rank_state(), self.env.rank,
-                                    self.env.world_size, self.cfg.checkpoint.keep_last)
+                                    self.env.world_size, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
 
     def _status(self, state: str) -> None:
         if self.env.is_main:
@@ -381,10 +383,10 @@ class Trainer:
 
 def run(cfg: TrainConfig, config_dict: dict) -> int:
     env = init_distributed(cfg.cluster.device, single_needs_group=cfg.backend == "fsdp")
-    if cfg.checkpoint.export_latest:
-        from train.export import export_latest
+    if cfg.checkpoint.export is not None:
+        from train.export import export_checkpoint
 
-        return export_latest(cfg, env, config_dict)
+        return export_checkpoint(cfg, env, config_dict)
     if env.is_main:
         check_shards_exist(cfg)  # before minutes of model building; one rank lists the folders
         check_frozen_sources(cfg)
