@@ -10,8 +10,9 @@ latents (v1-2 and v1-3) and later submissions find one job. It is done when ever
 limit, pre-emption, a failed node) is simply submitted again and skips the shards already written.
 
 The latents must come from the VAE the stage trains with: `model.pretrained_first_stage`'s or
-`model.pretrained_vae` (with `model.pretrained_text_encoder` for caption contexts), or (toy models only) the random one the trainer builds from `run.seed`; encoded in the precision the stage's
-loop would encode images in (bf16 autocast at `parallel.precision=bf16`).
+`model.pretrained_vae` (with `model.pretrained_text_encoder` for caption contexts), or (toy models only)
+the random one the trainer builds from `run.seed`; encoded in the precision the stage's loop would
+encode images in (bf16 autocast at `parallel.precision=bf16`).
 """
 from __future__ import annotations
 

@@ -22,7 +22,6 @@ from models.adapters.keys import KeyMismatchError
 from models.configs import TextEncoderConfig, VAEConfig
 
 AUTOENCODER_TRAINING_PREFIX = "loss."
-SD_VAE_PREFIX = "first_stage_model."
 # What a config may differ in without changing the function the weights compute: how attention is run,
 # dropout (frozen parts run in eval mode), and CLIP's token ids and projection width (the conditioning is
 # the last hidden state; openai/clip-vit-large-patch14's config names ids 0/1/2 that SD never reads).
@@ -54,8 +53,8 @@ def vae_state_dict(path: str | os.PathLike, cfg: VAEConfig) -> dict[str, torch.T
             raise KeyMismatchError(f"{folder}: this VAE is not the one model.arch builds: {'; '.join(off)}")
         return diffusers_vae.from_diffusers(tensors, cfg)
     sd, _ = ldm.read_checkpoint(path)
-    if any(k.startswith(SD_VAE_PREFIX) for k in sd):
-        return {k.removeprefix(SD_VAE_PREFIX): v for k, v in sd.items() if k.startswith(SD_VAE_PREFIX)}
+    if any(k.startswith(ldm.VAE) for k in sd):  # a whole SD checkpoint
+        return {k.removeprefix(ldm.VAE): v for k, v in sd.items() if k.startswith(ldm.VAE)}
     return {k: v for k, v in sd.items() if not k.startswith(AUTOENCODER_TRAINING_PREFIX)}
 
 

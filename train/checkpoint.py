@@ -112,16 +112,20 @@ def save_checkpoint(ckpt_dir: Path, state: TrainState, engine, rank_state: dict,
     return final
 
 
+def _step_folders(ckpt_dir: Path) -> dict[int, Path]:
+    """The step-N folders in `ckpt_dir` by step, in order (not the .tmp ones of a save in progress)."""
+    found = {int(p.name.split("-")[1]): p for p in ckpt_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")}
+    return dict(sorted(found.items()))
+
+
 def saved_steps(ckpt_dir: Path) -> dict[int, Path]:
     """The complete checkpoints in `ckpt_dir` by step, in order."""
-    found = {int(p.name.split("-")[1]): p for p in ckpt_dir.glob("step-*")
-             if p.is_dir() and not p.name.endswith(".tmp") and (p / "meta.json").is_file()}
-    return dict(sorted(found.items()))
+    return {step: p for step, p in _step_folders(ckpt_dir).items() if (p / "meta.json").is_file()}
 
 
 def _prune(ckpt_dir: Path, keep_last: int, keep_every: int = 0) -> None:
     """All but the newest `keep_last`, except the milestones (steps that are multiples of `keep_every`)."""
-    for step, path in list(saved_steps(ckpt_dir).items())[:-keep_last]:
+    for step, path in list(_step_folders(ckpt_dir).items())[:-keep_last]:
         if not (keep_every and step % keep_every == 0):
             shutil.rmtree(path, ignore_errors=True)
     for stale in ckpt_dir.glob("step-*.tmp"):  # left by a crash mid-save
