@@ -60,6 +60,12 @@ class FrozenCLIPTextEncoder(nn.Module):
         if not (path / "config.json").is_file():
             hint = f"; did you mean {path / 'text_encoder'}?" if (path / "text_encoder" / "config.json").is_file() else ""
             raise FileNotFoundError(f"{path}: not a text_encoder folder (no config.json there){hint}")
+        # transformers 5 builds the model under torch.device("meta") with torch.linspace swapped for a CPU
+        # default; torch caches the functions a device context redirects on its first use, so if that first
+        # use is this one, the swapped linspace is cached and every later `with torch.device(...)` leaves
+        # linspace on the CPU (build_models(cfg, "meta") then fails in the schedule). Use it once before.
+        with torch.device("cpu"):
+            torch.empty(0)
         model, info = CLIPTextModel.from_pretrained(path, local_files_only=True, dtype=dtype, output_loading_info=True)
         # from_pretrained only warns about missing keys and initialises them at random; we refuse. Of a whole
         # CLIPModel only the image tower and the two projections are left out.

@@ -60,6 +60,24 @@ def test_the_text_tower_of_a_whole_clip_model_is_what_frozen_clip_embedder_took(
         assert torch.equal(ours(ids), clip.text_model(input_ids=ids).last_hidden_state)
 
 
+def test_loading_a_clip_folder_first_leaves_meta_builds_working(tmp_path):
+    """In a fresh process whose first device context is transformers' own (it swaps torch.linspace while
+    building on meta, and torch caches the functions a device context redirects on first use), the models
+    must still build on the meta device afterwards (the layout checks do that)."""
+    import subprocess
+    import sys
+
+    from train_helpers import REPO
+
+    _clip_folder(tmp_path / "clip")
+    script = ("from models.configs import tiny\nfrom models.pretrained_parts import text_encoder_state_dict\n"
+              "from models.stable_diffusion import build_models\n"
+              f"text_encoder_state_dict({str(tmp_path / 'clip')!r}, tiny().text)\n"
+              "print(build_models(tiny(), 'meta').schedule.betas.device)\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "meta", out.stderr[-3000:]
+
+
 def test_a_text_encoder_of_another_function_is_refused_by_name(tmp_path):
     _clip_folder(tmp_path / "clip", hidden_act="gelu")  # same shapes, another activation
     with pytest.raises(KeyMismatchError, match=r"hidden_act='gelu' \(the model has 'quick_gelu'\)"):
