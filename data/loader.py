@@ -61,7 +61,8 @@ class LoaderConfig:
     # num_workers may change on resume. None: max(1, num_workers). Must be a multiple of num_workers.
     streams_per_rank: int | None = None
     seed: int = 0
-    # Replace the caption by "" with this probability (SD v1-2 onwards: 0.1, for classifier-free guidance).
+    # Replace the caption by "" with this probability, for classifier-free guidance (SD v1-3: 0.1; the
+    # model card gives none for v1-1 and v1-2).
     caption_dropout: float = 0.0
     crop: str = "center"  # or "random"
     resize: str = "shorter_side"

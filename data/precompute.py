@@ -34,16 +34,14 @@ from models.device import usable_device
 
 from .inputs import expand_inputs
 from .latent_format import CONTEXT_SHAPE, LATENT_CHANNELS, LatentShardWriter
-from .samples import IMAGE_EXTS
+from .samples import CORRUPT_IMAGE, IMAGE_EXTS, NO_CAPTION, NO_IMAGE, caption_and_meta
 from .shard_io import iter_shard_samples
 from .transforms import decode_resize_crop, to_pixels
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# Per-sample reasons a sample is not written (the shard-level ones come from data.shard_io).
-NO_IMAGE = "no_image"
-UNDECODABLE_IMAGE = "undecodable_image"
-BAD_JSON = "bad_json"
-MISSING_CAPTION = "missing_caption"  # written anyway, with caption "" (counted so it is visible)
+# Samples not written are counted under the loader's reasons (data/samples.py: no_image, no_caption,
+# corrupt_image), as they are the samples the loader would not take from the images; the shard-level
+# reasons come from data.shard_io.
 
 
 @dataclass(frozen=True)
@@ -84,7 +82,6 @@ class PrecomputeReport:
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> samples not written
     # data.shard_io's shard-level reasons (unreadable, truncated, empty) -> shards
     shard_problems: dict[str, int] = field(default_factory=dict)
-    missing_captions: int = 0
     with_text: bool = False
     resolution: int = 0
     latent_size: int = 0
@@ -97,8 +94,6 @@ class PrecomputeReport:
                  f"{self.latent_size}{' + text contexts' if self.with_text else ''}, {rate:.1f} samples/s"]
         lines += [f"  dropped {count:>7}  {reason}" for reason, count in sorted(self.dropped.items())]
         lines += [f"  shards  {count:>7}  {reason}" for reason, count in sorted(self.shard_problems.items())]
-        if self.missing_captions:
-            lines.append(f"  {self.missing_captions} samples had no caption (written with \"\")")
         return "\n".join(lines)
 
 
@@ -163,14 +158,11 @@ def load_models(checkpoint: str | os.PathLike | None, arch: str = "sd-v1", seed:
     return models.vae.eval(), models.text_encoder.eval()
 
 
-def _decode(sample: dict[str, bytes], resolution: int) -> tuple[np.ndarray | None, str | None]:
-    data = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
-    if data is None:
-        return None, NO_IMAGE
+def _decode(data: bytes, resolution: int) -> np.ndarray | None:
     try:
-        return decode_resize_crop(data, resolution, crop="center"), None
+        return decode_resize_crop(data, resolution, crop="center")
     except Exception:  # PIL raises many types on bad data (OSError, SyntaxError, ValueError, ...)
-        return None, UNDECODABLE_IMAGE
+        return None
 
 
 class _Encoder:
@@ -215,26 +207,28 @@ class _Prepared:
     rows: list[tuple[str, np.ndarray, str, dict]]  # key, image, caption, metadata
     read: int  # samples it came from
     dropped: Counter
-    missing_captions: int
 
 
 def _prepare(pending: list[tuple[str, dict[str, bytes]]], resolution: int, pool: ThreadPoolExecutor) -> _Prepared:
-    decoded = list(pool.map(lambda item: _decode(item[1], resolution), pending))
-    out = _Prepared([], len(pending), Counter(), 0)
-    for (key, sample), (image, reason) in zip(pending, decoded):
-        if reason is not None:
-            out.dropped[reason] += 1
-            continue
-        try:
-            meta = json.loads(sample["json"]) if "json" in sample else {}
-        except (ValueError, UnicodeDecodeError):
-            out.dropped[BAD_JSON] += 1
-            continue
-        caption = sample["txt"].decode("utf-8", errors="replace") if "txt" in sample else meta.get("caption")
-        if caption is None:
-            out.missing_captions += 1
-            caption = ""
-        out.rows.append((key, image, caption, meta))
+    """The samples the loader would read from these (data/samples.py: an image, a caption from the .txt,
+    the json as it parses), decoded; checked in the loader's order, so that the counts agree with the loader's."""
+    out = _Prepared([], len(pending), Counter())
+    kept = []
+    for key, sample in pending:
+        data = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
+        caption, meta = caption_and_meta(sample)
+        if data is None:
+            out.dropped[NO_IMAGE] += 1
+        elif caption is None:
+            out.dropped[NO_CAPTION] += 1
+        else:
+            kept.append((key, data, caption, meta))
+    decoded = pool.map(lambda row: _decode(row[1], resolution), kept)
+    for (key, _, caption, meta), image in zip(kept, decoded):
+        if image is None:
+            out.dropped[CORRUPT_IMAGE] += 1
+        else:
+            out.rows.append((key, image, caption, meta))
     return out
 
 
@@ -257,7 +251,6 @@ def _encode_shard(src: Path, tmp: Path, enc: _Encoder, pool: ThreadPoolExecutor,
     with LatentShardWriter(tmp, uncond_context=enc.uncond) as writer:
         def write(prepared: _Prepared) -> None:
             dropped.update(prepared.dropped)
-            report.missing_captions += prepared.missing_captions
             rows = prepared.rows
             if rows:
                 means, stds = enc.encode_images([r[1] for r in rows])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.filters_runtime import reject_reason
+from data.filters_runtime import ColumnCheck, reject_reason
 from data.latent_format import CONTEXT_EXT, LATENT_EXT, UNCOND_KEY, decode_context, decode_latent, npy_shape
 from data.shard_io import iter_shard_samples
 from data.stages import SubsetFilter
@@ -46,13 +46,23 @@ class Candidate:
     uncond: bytes | None = None
 
 
+def caption_and_meta(members: dict[str, bytes]) -> tuple[str | None, dict]:
+    """A sample's caption (its .txt, stripped; None when there is none or it is blank: the sample is then
+    skipped as no_caption) and metadata (its .json; {} when there is none or it does not parse: a filter
+    that needs a field then drops the sample, counted under its reason). One rule for the loader and for
+    data/precompute.py, so image shards and the latent shards made from them give the same samples."""
+    text = members.get("txt")
+    caption = text.decode("utf-8", errors="replace").strip() if text is not None else ""
+    return caption or None, _parse_meta(members.get("json"))
+
+
 def _parse_meta(data: bytes | None) -> dict:
     if data is None:
         return {}
     try:
         meta = json.loads(data)
     except (ValueError, UnicodeDecodeError):
-        return {}  # a filter that needs a field then drops the sample, counted under its reason
+        return {}
     return meta if isinstance(meta, dict) else {}
 
 
@@ -119,11 +129,13 @@ def read_candidates(url: str, shard: int, filters: SubsetFilter | None, latents:
                     counts: Counter, latent_size: int | None = None,
                     setting: str = "stage.data.shards") -> Iterator[Candidate]:
     """A shard's samples that pass the cheap checks. A shard of the wrong kind for `latents` (or, given
-    `latent_size`, whose latents all have another size) raises WrongShardKind once it is read: skipping
-    its samples one by one, the loader would read the whole dataset (every rank, every epoch) before it
-    could tell that nothing will ever be usable."""
+    `latent_size`, whose latents all have another size) raises WrongShardKind once it is read, and one
+    whose json lacks a column the filters read in every sample raises MissingColumns
+    (data/filters_runtime.py): skipping its samples one by one, the loader would read the whole dataset
+    (every rank, every epoch) before it could tell that nothing will ever be usable."""
     uncond = None
     kind = _ShardKind(latents, latent_size, setting)
+    columns = ColumnCheck(filters) if filters is not None else None
     for index, key, members in iter_shard_samples(url, counts):
         if key.rsplit("/", 1)[-1] == UNCOND_KEY:
             uncond = members.get(CONTEXT_EXT)
@@ -132,16 +144,16 @@ def read_candidates(url: str, shard: int, filters: SubsetFilter | None, latents:
         if payload is None:
             counts[NO_IMAGE] += 1
             continue
-        text = members.get("txt")
-        caption = text.decode("utf-8", errors="replace").strip() if text is not None else ""
-        if not caption:
+        caption, meta = caption_and_meta(members)
+        if caption is None:
             counts[NO_CAPTION] += 1
             continue
-        meta = _parse_meta(members.get("json"))
-        reason = reject_reason(filters, meta) if filters is not None else None
-        if reason is not None:
-            counts[reason] += 1
-            continue
+        if filters is not None:
+            columns.note(meta, "json" in members)
+            reason = reject_reason(filters, meta)
+            if reason is not None:
+                counts[reason] += 1
+                continue
         ctx = None
         if context:
             if uncond is None:
@@ -153,6 +165,8 @@ def read_candidates(url: str, shard: int, filters: SubsetFilter | None, latents:
                 continue
         yield Candidate(shard, index, key, caption, meta, payload, ctx, uncond)
     kind.check(url)
+    if columns is not None:
+        columns.check(url)
 
 
 class Decoder:

@@ -17,7 +17,8 @@ from typing import IO
 
 # Shard-level reasons (one count per shard); the sample-level ones live with the loader.
 UNREADABLE_SHARD = "unreadable_shard"  # could not be opened, or failed before its first member
-TRUNCATED_TAR = "truncated_tar"  # failed after some members: the samples before it are kept
+# failed after some members, or ended without tar's end-of-archive marker: the samples before it are kept
+TRUNCATED_TAR = "truncated_tar"
 EMPTY_SHARD = "empty_shard"  # a well-formed tar without samples (img2dataset's shard of failed URLs)
 
 _PIPE_BUFFER = 1 << 20
@@ -55,6 +56,26 @@ def open_shard(url: str) -> Iterator[IO[bytes]]:
             yield f
 
 
+class _MarkedEnd(tarfile.TarInfo):
+    """Reads headers as TarInfo does, but lets only tar's end-of-archive marker, two zero blocks, end the
+    archive. tarfile ends it quietly, as if complete, at a header that is cut short, missing or not a header,
+    so a shard cut at a member boundary (or inside a header) would lose its other samples uncounted."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:  # one zero block
+            if tar.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+                raise tarfile.ReadError(f"no end-of-archive marker at {tar.offset}: a single zero block") from None
+            raise
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as err:
+            if tar.offset == 0:
+                raise  # before the first member: tarfile's own error (not a tar, empty file)
+            # Not a HeaderError, which tarfile would take for the end of the archive.
+            raise tarfile.ReadError(f"no end-of-archive marker at {tar.offset}: {err}") from None
+
+
 def split_member_name(name: str) -> tuple[str, str]:
     """WebDataset's convention: the key is the path up to the first dot of the basename, the
     extension everything after it ("dir/000123.latent.npy" -> ("dir/000123", "latent.npy"))."""
@@ -68,12 +89,13 @@ def split_member_name(name: str) -> tuple[str, str]:
 def iter_shard_samples(url: str, counts: Counter) -> Iterator[tuple[int, str, dict[str, bytes]]]:
     """Yields (index in shard, key, {extension: bytes}) for each sample in tar order. A sample's
     members are consecutive in a WebDataset tar; when reading fails part-way, the sample being
-    assembled is dropped (it may be missing members) and the shard counts as truncated."""
+    assembled is dropped (it may be missing members) and the shard counts as truncated, as it does when
+    the tar ends without its end-of-archive marker (cut at a member boundary or inside a header)."""
     index = 0
     members_seen = 0
     key, sample = None, {}
     try:
-        with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*", tarinfo=_MarkedEnd) as tar:
             for info in tar:
                 members_seen += 1
                 if not info.isfile():

@@ -30,7 +30,8 @@ from typing import Any
 @dataclass(frozen=True)
 class MetadataColumns:
     """Column names of the metadata. The defaults are laion2B-en's parquet; the aesthetics subsets
-    name their score `aesthetic` (laion-aesthetics v2 5+) or `AESTHETIC_SCORE` (6+ and some mirrors)."""
+    name their score `aesthetic` (laion-aesthetics v2 5+) or `AESTHETIC_SCORE` (6+ and some mirrors); the
+    loader's per-sample filter reads either (data/filters_runtime.py, JSON_ALIASES)."""
 
     url: str = "URL"
     caption: str = "TEXT"

@@ -31,7 +31,7 @@ def decode_resize_crop(data: bytes, resolution: int, crop: str = "center", rng: 
     # draft() guarantees each side >= the requested one; ask for the shorter side at `resolution`.
     scale = resolution / min(w, h)
     image.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
-    image = image.convert("RGB")
+    image = to_rgb(image)
     w, h = image.size
     side = min(w, h)
     if crop == "center":
@@ -46,6 +46,19 @@ def decode_resize_crop(data: bytes, resolution: int, crop: str = "center", rng: 
     box = (left, top, left + side, top + side)
     out = image.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box)
     return np.asarray(out)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB, as img2dataset makes it: more than 8 bits scaled down (Pillow's convert clips 16-bit
+    grey to 255, so 50% grey became white) and transparency composited onto white (convert drops the
+    alpha, leaving whatever colour the transparent pixels hold: black, often)."""
+    if image.mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N; I is what older Pillows open 16-bit PNGs as
+        values = np.asarray(image).astype(np.float32)
+        image = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def to_pixels(images: list[np.ndarray]) -> torch.Tensor:

@@ -85,6 +85,26 @@ def test_each_case_is_counted_under_its_reason(dataset):
     assert read_all(str(root / "garbage.tar")) == ([], Counter(unreadable_shard=1))
 
 
+@pytest.mark.parametrize("where", ["at a header", "header+100", "header+511", "one zero block"])
+def test_a_tar_cut_at_or_inside_a_header_is_counted_not_taken_for_its_end(dataset, where, tmp_path):
+    """tarfile takes a missing, short or unreadable header for the end of the archive; only tar's end
+    marker (two zero blocks) may end it, or the rest of the shard would be lost uncounted."""
+    whole = dataset["root"] / "00001.tar"
+    with tarfile.open(whole) as tar:
+        infos = tar.getmembers()
+        members_end = tar.offset  # after the last member, where the end marker begins
+    header = next(m.offset for m in infos if m.name == "000010003.jpg")
+    cut = {"at a header": header, "header+100": header + 100, "header+511": header + 511,
+           "one zero block": members_end + 512}[where]
+    (tmp_path / "cut.tar").write_bytes(whole.read_bytes()[:cut])
+    # The sample being assembled when the tar ends may lack members: dropped, as for any cut.
+    kept = [f"00001{i:04d}" for i in range(5 if where == "one zero block" else 2)]
+    for url in (str(tmp_path / "cut.tar"), f"pipe:head -c {cut} {whole}"):
+        assert read_all(url) == (kept, Counter(truncated_tar=1)), url
+    for url in (str(whole), f"pipe:head -c {members_end + 1024} {whole}"):  # the marker without the padding
+        assert read_all(url) == ([f"00001{i:04d}" for i in range(PER_SHARD)], Counter()), url
+
+
 def test_loader_skips_and_counts_without_crashing(dataset):
     cfg = LoaderConfig(shards=tuple(dataset["urls"]), resolution=32, batch_size=2, num_workers=2,
                        shards_per_group=2, shuffle_buffer=4, timeout_s=60)

@@ -1,14 +1,19 @@
 """The streaming loader: split across ranks and workers, per-epoch reshuffle, exact resume, filters,
 caption dropout and transforms, on small synthetic shards (data/synth.py)."""
+import io
 import json
 import tarfile
+from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
-from data.filters_runtime import stage_filter
+import data.loader as loader_module
+from data.filters_runtime import MissingColumns, stage_filter
 from data.loader import LoaderConfig, ShardLoader, _tokenizer
+from data.samples import read_candidates
 from data.plan import ShardPlan
 from data.synth import write_synthetic_shards
 
@@ -154,7 +159,7 @@ def expected_rule(m: dict) -> str | None:
     return next((f"filter_{rule}" for rule, ok in checks if not ok), None)
 
 
-def test_filters_drop_exactly_the_samples_that_break_the_rules(shards):
+def test_filters_drop_exactly_the_samples_that_break_the_rules(shards, tmp_path):
     filters = replace(stage_filter("laion-improved-aesthetics"), max_punsafe=0.1)
     metas = all_keys(shards)
     expected_counts: dict[str, int] = {}
@@ -172,11 +177,54 @@ def test_filters_drop_exactly_the_samples_that_break_the_rules(shards):
     got = keys_of(take(loader, len(kept)))
     assert sorted(got) == sorted(kept)
     assert loader.skip_counts() == dict(sorted(expected_counts.items()))
-    # A sample whose json lacks a column a rule reads is counted, not fatal.
-    rules = replace(filters, columns=replace(filters.columns, aesthetic="AESTHETIC_SCORE"))
-    loader = ShardLoader(config(shards, num_workers=0, batch_size=1, filters=rules))
-    with pytest.raises(RuntimeError, match="missing_metadata"):
+    # The score under the other name LAION's aesthetics subsets give it keeps exactly the same samples.
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for path in shards:
+        rewrite_json(path, renamed / Path(path).name, lambda m: {("AESTHETIC_SCORE" if k == "aesthetic" else k): v
+                                                                 for k, v in m.items()})
+    loader = ShardLoader(config(sorted(map(str, renamed.iterdir())), num_workers=0, batch_size=1,
+                                shards_per_group=NUM_SHARDS, filters=filters))
+    assert sorted(keys_of(take(loader, len(kept)))) == sorted(kept)
+    assert loader.skip_counts() == dict(sorted(expected_counts.items()))
+
+
+def rewrite_json(src, dst, change) -> None:
+    with tarfile.open(src) as tar, tarfile.open(dst, "w") as out:
+        for m in tar:
+            data = tar.extractfile(m).read()
+            if m.name.endswith(".json") and change is not None:
+                data = json.dumps(change(json.loads(data))).encode()
+            m.size = len(data)
+            out.addfile(m, io.BytesIO(data))
+
+
+def test_a_column_no_sample_has_stops_at_the_first_shard(shards, tmp_path, monkeypatch):
+    """A json without a column the filters read in any sample of a shard is a setting: the loader says so
+    after that shard, instead of skipping every sample of every shard (epochs over the whole dataset)."""
+    for path in shards:
+        rewrite_json(path, tmp_path / Path(path).name, lambda m: {k: v for k, v in m.items() if k != "pwatermark"})
+    # One shard whose json is unreadable in every sample: bad data, counted, not a reason to stop.
+    rewrite_json(shards[0], tmp_path / "bad.tar", None)
+    with tarfile.open(tmp_path / "bad.tar") as tar, tarfile.open(tmp_path / "badjson.tar", "w") as out:
+        for m in tar:
+            data = b"{not json" if m.name.endswith(".json") else tar.extractfile(m).read()
+            m.size = len(data)
+            out.addfile(m, io.BytesIO(data))
+    badjson = str(tmp_path / "badjson.tar")
+    counts = Counter()
+    assert list(read_candidates(badjson, 0, stage_filter("laion2b-en"), False, False, counts)) != []
+    assert list(read_candidates(badjson, 0, stage_filter("laion-improved-aesthetics"), False, False, counts)) == []
+    assert counts == Counter(missing_metadata=PER_SHARD)
+    reads = []
+    monkeypatch.setattr(loader_module, "read_candidates",
+                        lambda url, *a, **k: reads.append(url) or read_candidates(url, *a, **k))
+    urls = [str(tmp_path / Path(p).name) for p in shards]
+    loader = ShardLoader(config(urls, num_workers=0, shards_per_group=1, filters=stage_filter("laion-improved-aesthetics")))
+    with pytest.raises(MissingColumns, match=r"no sample's json has 'pwatermark', which the filters of stage.data.subset "
+                                             r"read.* \(json keys: aesthetic, background, .*\)"):
         take(loader, 1)
+    assert len(reads) == 1
 
 
 def test_caption_dropout_rate_and_empty_captions(shards):

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from data.latent_format import UNCOND_KEY, decode_context, decode_latent
-from data.precompute import (UNDECODABLE_IMAGE, PrecomputeConfig, list_shards, load_models, local_device,
+from data.precompute import (PrecomputeConfig, list_shards, load_models, local_device,
                              part_from_env, precompute_shards)
+from data.samples import read_candidates
 from data.shard_io import iter_shard_samples
 from data.synth import write_synthetic_shards
 from data.transforms import decode_resize_crop, to_pixels
@@ -64,7 +65,7 @@ def test_latent_shards_round_trip(models, tmp_path):
     report = precompute_shards(src, tmp_path / "latents", vae, text_encoder, tokenizer, cfg, progress=False)
 
     assert report.samples_in == 13 and report.samples_written == 11 and report.latent_size == 8
-    assert report.dropped == {UNDECODABLE_IMAGE: 1, "no_image": 1}
+    assert report.dropped == {"corrupt_image": 1, "no_image": 1}
     assert [p.rsplit("/", 1)[-1] for p in report.shards_written] == ["00000.tar", "00001.tar", "00002.tar"]
     saved = json.loads((tmp_path / "latents.precompute.json").read_text())
     assert saved["samples_written"] == 11 and saved["config"]["resolution"] == RESOLUTION
@@ -98,6 +99,41 @@ def test_latent_shards_round_trip(models, tmp_path):
     again = precompute_shards(src, tmp_path / "latents", vae, text_encoder, tokenizer, cfg, progress=False)
     assert [p.rsplit("/", 1)[-1] for p in again.shards_written] == ["00001.tar"] and len(again.shards_skipped) == 2
     assert (tmp_path / "latents" / "00000.tar").stat().st_mtime_ns == before
+
+
+def test_latent_shards_hold_the_samples_the_loader_takes_from_the_images(models, tmp_path):
+    """Same shards, same samples, whether the loader reads the images or the latents made from them:
+    precompute keeps and drops samples by the loader's rules (captions from the .txt only, a json that
+    does not parse read as {}), and counts the dropped ones as the loader does."""
+    vae, _, _ = models
+    write_synthetic_shards(tmp_path / "synth", num_shards=1, samples_per_shard=1, image_size=RESOLUTION)
+    jpg = next(iter(read_shard(tmp_path / "synth" / "00000.tar").values()))["jpg"]
+    samples = {"a": {"jpg": jpg, "txt": b"a red square", "json": b'{"caption": "a red square"}'},
+               "b": {"jpg": jpg, "json": b'{"caption": "caption only in the json"}'},  # no .txt
+               "c": {"jpg": jpg, "txt": b"bad json", "json": b"{not json"},
+               "d": {"jpg": jpg, "txt": b" \n", "json": b"{}"},  # a blank caption
+               "e": {"jpg": jpg, "txt": b"  padded  ", "json": b'{"aesthetic": 6.1}'},
+               "f": {"txt": b"no image"}}
+    (tmp_path / "images").mkdir()
+    with tarfile.open(tmp_path / "images" / "00000.tar", "w") as tar:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    cfg = PrecomputeConfig(resolution=RESOLUTION, batch_size=4, text=False, decode_workers=1)
+    report = precompute_shards(tmp_path / "images", tmp_path / "latents", vae, config=cfg, progress=False)
+
+    def loader_reads(path, latents):
+        counts = Counter()
+        got = [(c.key, c.caption, c.meta) for c in read_candidates(str(path), 0, None, latents, False, counts,
+                                                                   latent_size=RESOLUTION // 8 if latents else None)]
+        return got, counts
+
+    from_images, skipped = loader_reads(tmp_path / "images" / "00000.tar", False)
+    assert [key for key, _, _ in from_images] == ["a", "c", "e"]
+    assert loader_reads(tmp_path / "latents" / "00000.tar", True) == (from_images, Counter())
+    assert report.dropped == dict(skipped) == {"no_caption": 2, "no_image": 1}
 
 
 def test_latents_only_and_parts(models, tmp_path):

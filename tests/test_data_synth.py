@@ -113,3 +113,40 @@ def test_random_crop_is_reproducible_from_the_rng():
     assert len(crops) > 1
     with pytest.raises(OSError):
         decode_resize_crop(data[:300], 64, "center")
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def over_white(rgb, alpha) -> np.ndarray:
+    """img2dataset's alpha matting (resizer.py): alpha / 255 * colour + 255 - alpha."""
+    alpha = np.asarray(alpha, np.float64)[..., None]
+    return np.rint(alpha / 255 * np.asarray(rgb, np.float64) + 255 - alpha)
+
+
+def test_images_that_are_not_8_bit_rgb_keep_their_brightness_and_lose_transparency_to_white():
+    # 16-bit grey: scaled to 8 bits, not clipped (50% grey used to come out white).
+    levels = np.array([0, 1000, 128 * 257, 50000, 65535], np.uint16)
+    grey16 = Image.fromarray(np.repeat(levels, 16)[None].repeat(16, axis=0))
+    assert grey16.mode.startswith("I")
+    out = decode_resize_crop(png(grey16), 16, "center", None)  # the middle 16 columns: level 128 * 257
+    assert (out == 128).all()
+    for level in levels:
+        out = decode_resize_crop(png(Image.fromarray(np.full((8, 8), level, np.uint16))), 8)
+        assert (out == round(level / 257)).all(), level
+    # Transparency over white, as img2dataset composites it: RGBA, LA, and a palette with a transparent index.
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3], rgba[..., 3] = (200, 40, 0), 100
+    assert np.abs(decode_resize_crop(png(Image.fromarray(rgba, "RGBA")), 8).astype(int)
+                  - over_white((200, 40, 0), 100)).max() <= 1
+    la = Image.fromarray(np.dstack([np.full((8, 8), 60, np.uint8), np.full((8, 8), 30, np.uint8)]), "LA")
+    assert np.abs(decode_resize_crop(png(la), 8).astype(int) - over_white((60, 60, 60), 30)).max() <= 1
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    palette.paste(1, (0, 0, 8, 4))
+    palette.info["transparency"] = 0
+    out = decode_resize_crop(png(palette), 8)
+    assert (out[:2] == (10, 20, 30)).all() and (out[-2:] == 255).all()
