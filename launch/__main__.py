@@ -18,12 +18,32 @@ from launch.config import ConfigError, StageJob, stage_job
 from launch.precompute import PrecomputeJob, precompute_argv
 from launch.sbatch import render, render_precompute
 from launch.status import format_table, stage_rows
-from launch.torchrun import free_port, shell_join, torchrun_argv, worker_env
+from launch.torchrun import free_port, is_loopback, shell_join, store_host, torchrun_argv, worker_env
 from train.status import read_status
 
 
-def _python(job: StageJob | PrecomputeJob) -> str:
-    return job.cluster.python or sys.executable
+def _python(job: StageJob | PrecomputeJob, *, runs_setup: bool) -> str:
+    """cluster.python if given; else `python` where the job makes its own environment (`cluster.setup`
+    in a Slurm job, or `cluster.exec_prefix`'s container), whose interpreter is the one on its PATH;
+    else the one running the launcher (its venv, on a file system the nodes share)."""
+    c = job.cluster
+    if c.python:
+        return c.python
+    return "python" if c.exec_prefix or (runs_setup and c.setup) else sys.executable
+
+
+def _master_addr(args, nodes: int) -> str:
+    """The rendezvous address: this host for one node; for several, the first node's, given explicitly."""
+    if nodes == 1:
+        return args.master_addr or "127.0.0.1"
+    if args.master_addr is None:
+        raise ConfigError(f"cluster.nodes={nodes}: pass --master-addr, the first node's address (the same on "
+                          "every node)")
+    if is_loopback(args.master_addr) and not (args.local_addr and is_loopback(args.local_addr)):
+        raise ConfigError(f"cluster.nodes={nodes}: --master-addr {args.master_addr} reaches this host only; pass "
+                          f"the first node's address (add --local-addr {args.master_addr} too only to run every "
+                          "agent on this host)")
+    return args.master_addr
 
 
 def cmd_torchrun(args) -> int:
@@ -41,9 +61,11 @@ def cmd_torchrun(args) -> int:
             raise ConfigError("several nodes must agree on the rendezvous port: pass --master-port (the same on "
                               "every node) or set cluster.master_port")
         port = free_port()
-    argv = torchrun_argv(job, python=_python(job), nnodes=job.cluster.nodes,
-                         rdzv_endpoint=f"{args.master_addr}:{port}", rdzv_id=job.rdzv_id,
-                         local_addr=args.local_addr, module=args.module)
+    master = _master_addr(args, job.cluster.nodes)
+    is_host = store_host(master, job.cluster.nodes) if args.is_host is None else args.is_host
+    argv = torchrun_argv(job, python=_python(job, runs_setup=False), nnodes=job.cluster.nodes,
+                         rdzv_endpoint=f"{master}:{port}", rdzv_id=job.rdzv_id,
+                         local_addr=args.local_addr, is_host=is_host, module=args.module)
     env = worker_env(job)
     if args.dry_run:
         print(shell_join(["env", *(f"{k}={v}" for k, v in env.items()), *argv]))
@@ -62,9 +84,9 @@ def _submit_all(jobs: list[StageJob], args) -> int:
 
     def submit(job: StageJob | PrecomputeJob, after: str | None) -> str:
         if isinstance(job, PrecomputeJob):
-            script = render_precompute(job, python=_python(job))
+            script = render_precompute(job, python=_python(job, runs_setup=True))
         else:
-            script = render(job, python=_python(job), module=args.module, dependency=after)
+            script = render(job, python=_python(job, runs_setup=True), module=args.module, dependency=after)
         if args.dry_run:
             print(script)
             return f"<job of {job.stage}>"
@@ -108,10 +130,14 @@ def parser() -> argparse.ArgumentParser:
         return cmd
 
     t = add("torchrun", "run a stage here with torchrun (the same command on every node for several)")
-    t.add_argument("--master-addr", default="127.0.0.1", help="address of the rendezvous (first) node")
+    t.add_argument("--master-addr", default=None, help="address of the rendezvous (first) node; required for "
+                   "several nodes (default for one: 127.0.0.1)")
     t.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: cluster.master_port, "
                    "else a free port on one node)")
     t.add_argument("--local-addr", default=None, help="this node's address, where its hostname does not resolve")
+    t.add_argument("--is-host", action=argparse.BooleanOptionalAction, default=None,
+                   help="this node's agent hosts the rendezvous store (default: yes for one node; for several, "
+                   "whether --master-addr is one of this machine's addresses)")
     s = add("slurm", "submit one stage as a Slurm job (skipped if finished or already queued)")
     c = add("chain", "submit the stage chain as Slurm jobs linked by afterok; LABEL:key=value applies to one "
                      "stage only")
@@ -124,11 +150,24 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--stages", default=None, help=f"comma list (default: the stage= override, else "
                     f"{chain.DEFAULT_STAGES})")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    p.commands = sub.choices  # read by parse()
     return p
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options and overrides in any order (`torchrun cluster=X --master-addr A stage=Y`): each command's
+    parser reads them intermixed, which argparse cannot do through subparsers."""
+    p = parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in p.commands:
+        return p.parse_args(argv)  # help, or the error naming the commands
+    args = p.commands[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse(argv)
     commands = {"torchrun": cmd_torchrun, "slurm": cmd_slurm, "chain": cmd_chain, "status": cmd_status}
     try:
         return commands[args.command](args)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -40,6 +40,9 @@ class StageJob:
     overrides: tuple[str, ...]  # for `python -m train`; ends with run.dir=<absolute run_dir>
     # The job making its latent shards (stage.data.precompute_from), if it has one.
     precompute: PrecomputeJob | None = None
+    # Where the launcher ran: every relative path in the overrides and the config (run.root's default
+    # "runs", a relative from_checkpoint or shard list) means a path under it, so the job runs there too.
+    workdir: Path = field(default_factory=Path.cwd)
 
     @property
     def world_size(self) -> int:
@@ -151,8 +154,9 @@ def check_cluster(c: ClusterConfig) -> None:
             raise ConfigError(f"cluster.env.{key}: not a valid environment variable name")
     for arg in c.sbatch_args:
         if not arg.startswith("--") or any(ch.isspace() for ch in arg):
+            # Hydra reads an unquoted `=` inside a list as a syntax error: the elements need quotes.
             raise ConfigError(f"cluster.sbatch_args: {arg!r} must be one long option without spaces, "
-                              "e.g. --constraint=a100")
+                              "e.g. \"cluster.sbatch_args=['--constraint=a100']\" (quote each element)")
     for name, value in (("partition", c.partition), ("account", c.account)):
         if value is not None and (not value or any(ch.isspace() for ch in value)):
             raise ConfigError(f"cluster.{name}={value!r}: must be a Slurm name without spaces, or null")

@@ -16,7 +16,7 @@ encode images in (bf16 autocast at `parallel.precision=bf16`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from train.config import ClusterConfig, ConfigError
@@ -35,6 +35,7 @@ class PrecomputeJob:
     out_dir: Path
     latents: tuple[Path, ...]  # what the stage reads, in order
     args: tuple[str, ...]  # for `python -m data precompute`, but --device and --part
+    workdir: Path = field(default_factory=Path.cwd)  # where the launcher ran (as StageJob.workdir)
 
     def missing(self) -> list[Path]:
         return [path for path in self.latents if not path.is_file()]

@@ -33,22 +33,27 @@ set -uo pipefail  # no -e: a failed srun must still reach the decision at the en
 echo "[launch] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST at $(date -Is)"
 @SETUP@
 @ENV@
+@PYTHONPATH@
 RUN_DIR=@RUN_DIR@
 MAX_REQUEUES=@MAX_REQUEUES@
 mkdir -p "$RUN_DIR"
 
 # The address Slurm has for a node: names need not resolve where addresses do.
 node_addr() { scontrol show node "$1" -o | tr ' ' '\n' | sed -n 's/^NodeAddr=//p'; }
-MASTER_ADDR=$(node_addr "$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)")
+MASTER_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_ADDR=$(node_addr "$MASTER_NODE")
 MASTER_PORT=@MASTER_PORT@
-export MASTER_ADDR MASTER_PORT
+export MASTER_NODE MASTER_ADDR MASTER_PORT
 if [[ -z $MASTER_ADDR ]]; then echo "[launch] no NodeAddr for the first node of $SLURM_JOB_NODELIST"; exit 1; fi
+# 1 on the first node, whose agent hosts the rendezvous store; 0 elsewhere. torchrun's own guess
+# (its hostname's addresses against MASTER_ADDR) fails where the name resolves to 127.0.0.1.
+store_host() { if [[ $SLURMD_NODENAME == "$MASTER_NODE" ]]; then echo 1; else echo 0; fi; }
 
 # Runs once per node (srun task): torchrun with this node's own address for the rendezvous.
 node_main() {
     exec @TORCHRUN@
 }
-export -f node_addr node_main
+export -f node_addr store_host node_main
 
 warned=""
 on_warning() {
@@ -110,13 +115,13 @@ def _site_directives(c: ClusterConfig) -> list[str]:
     return lines
 
 
-def directives(job: StageJob, dependency: str | None = None, repo: Path = REPO) -> list[str]:
+def directives(job: StageJob, dependency: str | None = None) -> list[str]:
     c = job.cluster
     lines = [f"--job-name={job.name}", f"--nodes={c.nodes}", "--ntasks-per-node=1",
              f"--cpus-per-task={c.cpus_per_task}", f"--time={c.time_limit}",
              # One log per job id: a requeued run (same id) appends to it.
              f"--output={log_dir(job)}/%j.out", "--open-mode=append",
-             "--requeue", f"--signal=B:USR1@{c.signal_grace_s}", f"--chdir={repo}", *_site_directives(c)]
+             "--requeue", f"--signal=B:USR1@{c.signal_grace_s}", f"--chdir={job.workdir}", *_site_directives(c)]
     if dependency:
         # "id[:id...]": all must succeed. A failed job cancels its dependents instead of leaving them pending.
         lines += [f"--dependency=afterok:{dependency}", "--kill-on-invalid-dep=yes"]
@@ -138,22 +143,29 @@ def _check_paths(*paths: Path) -> None:
     for path in paths:
         if any(ch.isspace() for ch in str(path)):
             raise ConfigError(f"{path}: #SBATCH lines cannot hold paths with spaces; choose run.dir / "
-                              "cluster.log_dir / latent folders without them")
+                              "cluster.log_dir / latent folders, and a directory to launch from, without them")
 
 
-def render(job: StageJob, *, python: str, module: str = "train", dependency: str | None = None,
-           repo: Path = REPO) -> str:
+# The job runs where the launcher ran (StageJob.workdir), not in the repository: `-m train` and
+# `-m data` must still import the project with an interpreter that has no install of it (cluster.setup's,
+# a container's).
+_PYTHONPATH = f"export PYTHONPATH={shell_join([str(REPO)])}${{PYTHONPATH:+:$PYTHONPATH}}"
+
+
+def render(job: StageJob, *, python: str, module: str = "train", dependency: str | None = None) -> str:
     c = job.cluster
-    _check_paths(job.run_dir, log_dir(job), repo)
+    _check_paths(job.run_dir, log_dir(job), job.workdir)
     argv = torchrun_argv(job, python=python, nnodes=Shell("$SLURM_NNODES"),
                          rdzv_endpoint=Shell("$MASTER_ADDR:$MASTER_PORT"),
                          rdzv_id=Shell("$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}"),
-                         local_addr=Shell('$(node_addr "$SLURMD_NODENAME")'), module=module)
+                         local_addr=Shell('$(node_addr "$SLURMD_NODENAME")'), is_host=Shell("$(store_host)"),
+                         module=module)
     env = worker_env(job)
     port = str(c.master_port) if c.master_port else "$((20000 + SLURM_JOB_ID % 20000))"
     srun_args = "".join(shell_join([a]) + " " for a in c.srun_args)
     body = (_BODY.replace("@SETUP@", "\n".join(c.setup))
             .replace("@ENV@", "\n".join(f"export {k}={shell_join([v])}" for k, v in env.items()))
+            .replace("@PYTHONPATH@", _PYTHONPATH)
             .replace("@RUN_DIR@", shell_join([str(job.run_dir)]))
             .replace("@MAX_REQUEUES@", str(c.max_requeues))
             .replace("@MASTER_PORT@", port)
@@ -163,7 +175,7 @@ def render(job: StageJob, *, python: str, module: str = "train", dependency: str
     header = ["#!/bin/bash",
               f"# Stage {job.stage} on cluster={c.name}: {c.nodes} x {c.gpus_per_node} {c.device} processes.",
               "# Rendered by `python -m launch`; change the config and render again rather than editing."]
-    return "\n".join(header + [f"#SBATCH {d}" for d in directives(job, dependency, repo)]) + "\n" + body
+    return "\n".join(header + [f"#SBATCH {d}" for d in directives(job, dependency)]) + "\n" + body
 
 
 _PRECOMPUTE_BODY = r"""
@@ -171,6 +183,7 @@ set -uo pipefail
 echo "[launch] precompute job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST at $(date -Is)"
 @SETUP@
 @ENV@
+@PYTHONPATH@
 # One task per GPU; each encodes every N-th image shard (N = tasks) and skips the ones already written.
 srun --cpus-per-task="$SLURM_CPUS_PER_TASK" @SRUN_ARGS@@COMMAND@
 rc=$?
@@ -190,18 +203,19 @@ def _option_lines(argv: list[str]) -> list[str]:
     return [shell_join(words) for words in lines]
 
 
-def render_precompute(job: PrecomputeJob, *, python: str, repo: Path = REPO) -> str:
+def render_precompute(job: PrecomputeJob, *, python: str) -> str:
     """The latent shards' job (launch/precompute.py). No pre-emption handling: `--requeue` reruns it and it
     skips what is written; the stages that need it wait for it with afterok."""
     c = job.cluster
-    _check_paths(job.run_dir, log_dir(job), repo)
+    _check_paths(job.run_dir, log_dir(job), job.workdir)
     lines = [f"--job-name={job.name}", f"--nodes={c.nodes}", f"--ntasks-per-node={job.tasks_per_node}",
              f"--cpus-per-task={job.cpus_per_task}", f"--time={c.time_limit}",
-             f"--output={log_dir(job)}/%j.out", "--open-mode=append", "--requeue", f"--chdir={repo}",
+             f"--output={log_dir(job)}/%j.out", "--open-mode=append", "--requeue", f"--chdir={job.workdir}",
              *_site_directives(c), *c.sbatch_args]
     env = {"OMP_NUM_THREADS": str(job.cpus_per_task), **{k: str(v) for k, v in c.env.items()}}
     body = (_PRECOMPUTE_BODY.replace("@SETUP@", "\n".join(c.setup))
             .replace("@ENV@", "\n".join(f"export {k}={shell_join([v])}" for k, v in env.items()))
+            .replace("@PYTHONPATH@", _PYTHONPATH)
             .replace("@SRUN_ARGS@", "".join(shell_join([a]) + " " for a in c.srun_args))
             .replace("@COMMAND@", " \\\n    ".join(_option_lines(precompute_argv(job, python=python)))))
     header = ["#!/bin/bash",

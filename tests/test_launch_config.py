@@ -3,6 +3,9 @@ reach it, and what Slurm or the trainer would refuse is refused on the login nod
 says what to change."""
 from __future__ import annotations
 
+import re
+import shlex
+
 import pytest
 
 from launch.config import REPO, check_cluster, stage_job, time_limit_s
@@ -76,6 +79,30 @@ def test_what_would_fail_later_fails_now_and_says_what_to_change(overrides, mess
     shards = [] if not overrides else [SHARDS]
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         stage_job(["stage=mini_test", *shards, *overrides])
+
+
+def _documented_overrides() -> list[str]:
+    """The cluster overrides launch/README.md shows, as the shell hands them to the launcher."""
+    text = (REPO / "launch" / "README.md").read_text()
+    section = text[text.index("## Cluster configs"):text.index("## Design")]
+    spans = re.findall(r"`([^`]+)`", section)
+    return [shlex.split(span)[0] for span in spans if re.match(r'^"?\+*cluster\.[\w.]+=', span)]
+
+
+def test_the_documented_overrides_work_on_every_shipped_cluster():
+    documented = _documented_overrides()
+    assert any(o.startswith("++cluster.env.") for o in documented) and len(documented) >= 8
+    for cluster in CLUSTERS:  # reference_32x8 sets NCCL_DEBUG already: `+` would refuse it
+        c = _job(f"cluster={cluster}", "stage.global_batch=512", *documented).cluster
+        assert c.env["NCCL_DEBUG"] == "INFO" and c.srun_args == ["--container-image=/img/sd.sqsh"]
+        assert c.sbatch_args[-1] == "--constraint=a100"
+
+
+def test_the_sbatch_args_message_suggests_a_form_that_parses():
+    with pytest.raises(ConfigError) as err:
+        _job("cluster.sbatch_args=[exclusive]")
+    suggested = shlex.split(re.search(r'e\.g\. (".*?")', str(err.value)).group(1))[0]
+    assert _job(suggested).cluster.sbatch_args == ["--constraint=a100"]
 
 
 def test_status_needs_no_complete_config():

@@ -9,6 +9,7 @@ import os
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -93,6 +94,7 @@ def test_the_script_runs_one_task_per_gpu_each_its_share(images, tmp_path):
     directives = [line for line in script.splitlines() if line.startswith("#SBATCH")]
     assert "#SBATCH --ntasks-per-node=2" in directives and "#SBATCH --cpus-per-task=1" in directives
     assert not any("gpus" in d or "dependency" in d for d in directives)  # cluster=local: CPU, no afterok
+    assert f"#SBATCH --chdir={Path.cwd()}" in directives  # where relative paths meant what they mean here
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "srun").write_text("#!/bin/bash\nshift  # --cpus-per-task\npids=()\n"

@@ -7,10 +7,14 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from torch.distributed.elastic.rendezvous import RendezvousParameters
+from torch.distributed.run import _parse_rendezvous_config, get_args_parser
 
+from launch.__main__ import main as launch_main
 from launch.config import REPO, stage_job
 from launch.sbatch import directives, render
 from slurm_cluster import job_env, launch, wait_for
@@ -20,7 +24,7 @@ SHARDS = "stage.data.shards='/data/x {00000..00003}.tar'"  # a space and braces:
 FAKE_SRUN = r"""#!/bin/bash
 printf '%s\n' "$@" > "$FAKE/srun.args"
 echo $$ > "$FAKE/srun.pid"
-if [[ -n ${FAKE_NODE_MAIN:-} ]]; then SLURMD_NODENAME=n2 "${@: -3}"; exit $?; fi
+if [[ -n ${FAKE_NODE_MAIN:-} ]]; then SLURMD_NODENAME=${FAKE_NODE:-n2} "${@: -3}"; exit $?; fi
 if [[ -n ${FAKE_WAIT_FOR_SIGNAL:-} ]]; then
     for _ in $(seq 300); do [[ -f $FAKE/signalled ]] && break; sleep 0.05; done
 fi
@@ -92,7 +96,7 @@ def test_directives_of_the_local_cluster():
     assert "--nodes=2" in lines and "--ntasks-per-node=1" in lines and "--cpus-per-task=2" in lines
     assert "--requeue" in lines and "--signal=B:USR1@60" in lines and "--time=01:00:00" in lines
     assert f"--output={job.run_dir}/slurm/%j.out" in lines and "--open-mode=append" in lines
-    assert f"--chdir={REPO}" in lines and "--job-name=sd-repro.mini_test" in lines
+    assert f"--chdir={Path.cwd()}" in lines and "--job-name=sd-repro.mini_test" in lines
     assert not any(line.startswith(("--gpus", "--mem", "--partition", "--account", "--dependency")) for line in lines)
 
 
@@ -142,6 +146,57 @@ def test_each_node_runs_torchrun_with_its_own_address(tmp_path, fake_slurm):
     srun = (fake_slurm / "srun.args").read_text().splitlines()
     assert srun[:3] == ["--ntasks-per-node=1", "--cpus-per-task=2", "--kill-on-bad-exit=0"]
     assert proc.returncode == 1  # the stand-in trained nothing: no status.json, not finished
+
+
+def _node_argv(fake: Path) -> list[str]:
+    return (fake / "python.argv").read_text().split("\0")[:-1]
+
+
+@pytest.mark.parametrize("node, hosts", [("n1", True), ("n2", False)])
+def test_the_first_nodes_agent_hosts_the_rendezvous_store(tmp_path, fake_slurm, node, hosts):
+    """Named, not left to torchrun's guess (which fails where a node's name resolves to 127.0.0.1): read
+    back with torchrun's own parser, as its c10d backend reads it."""
+    script, run_dir = _script(tmp_path, fake_slurm)
+    _run(script, _env(fake_slurm, run_dir, FAKE_NODE_MAIN="1", FAKE_NODE=node))
+    args = get_args_parser().parse_args(_node_argv(fake_slurm)[2:])
+    params = RendezvousParameters(backend=args.rdzv_backend, endpoint=args.rdzv_endpoint, run_id=args.rdzv_id,
+                                  min_nodes=2, max_nodes=2, **_parse_rendezvous_config(args.rdzv_conf))
+    assert params.get_as_bool("is_host") is hosts
+    assert args.rdzv_endpoint == "10.0.0.1:20042"  # on n1 the store's address is its own
+
+
+def test_the_job_runs_where_the_launcher_ran(tmp_path, fake_slurm, monkeypatch):
+    """Relative paths (run.root's default, a relative override) mean the same to the launcher and the
+    job: the job runs in the launcher's directory, and the project stays importable from there."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    job = _job("run.root=rel")
+    assert job.run_dir == here / "rel" / "sd-repro" / "mini_test"
+    assert f"--chdir={here}" in directives(job)
+    script = tmp_path / "job.sbatch"
+    script.write_text(render(job, python=str(fake_slurm / "python")))
+    _run(script, _env(fake_slurm, job.run_dir, FAKE_NODE_MAIN="1", PYTHONPATH="/site"))
+    env = dict(line.split("=", 1) for line in (fake_slurm / "python.env").read_text().splitlines() if "=" in line)
+    assert env["PYTHONPATH"] == f"{REPO}:/site"
+    assert f"run.dir={job.run_dir}" in _node_argv(fake_slurm)
+
+
+@pytest.mark.parametrize("overrides, interpreter", [
+    ([], [sys.executable]),  # the launcher's own (its venv on the shared file system)
+    (["cluster.setup=[module load cuda/12.4,source /opt/venv/bin/activate]"], ["python"]),  # the setup's
+    (["cluster.exec_prefix=[apptainer,exec,--nv,/img/sd.sif]"], ["apptainer", "exec", "--nv", "/img/sd.sif",
+                                                                 "python"]),  # the container's
+    (["cluster.setup=[source /opt/venv/bin/activate]", "cluster.python=/opt/py/bin/python3"],
+     ["/opt/py/bin/python3"]),  # said explicitly
+])
+def test_the_interpreter_is_the_jobs_environments(tmp_path, capsys, overrides, interpreter):
+    rc = launch_main(["slurm", "--dry-run", "stage=mini_test", SHARDS, f"run.dir={tmp_path}/run", *overrides])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    node_main = out[out.index("node_main() {"):out.index("\n}", out.index("node_main() {"))]
+    words = shlex.split(node_main.split("exec ", 1)[1].replace("\\\n", " "))
+    assert words[:len(interpreter) + 2] == [*interpreter, "-m", "torch.distributed.run"]
 
 
 @pytest.mark.parametrize("state, rc, expected", [

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import psutil
 import pytest
+from torch.distributed.elastic.rendezvous import RendezvousParameters
+from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import create_backend
+from torch.distributed.run import _parse_rendezvous_config, get_args_parser
 
+from launch.__main__ import main as launch_main
 from launch.config import REQUEUE_MARGIN_S, stage_job
-from launch.torchrun import Shell, shell_join, torchrun_argv, worker_env
+from launch.torchrun import Shell, free_port, shell_join, store_host, torchrun_argv, worker_env
 from slurm_cluster import (JOB_TIMEOUT_S, REPO, assert_same_weights, job_env, launch, read_status, reference_run,
                            shards, unet_weights, wait_for)
 
@@ -90,6 +95,78 @@ def test_dry_run_prints_the_command(tmp_path):
 def test_several_nodes_need_an_agreed_port(tmp_path):
     with pytest.raises(AssertionError, match="--master-port"):
         launch(["torchrun", "--dry-run", "stage=mini_test", SHARDS, "cluster.nodes=2"], job_env(tmp_path))
+
+
+def _dry_run(capsys, *args: str) -> tuple[int, list[str], str]:
+    """`python -m launch torchrun --dry-run ARGS` in this process: exit code, the command's words, stderr."""
+    rc = launch_main(["torchrun", "--dry-run", *args])
+    out, err = capsys.readouterr()
+    return rc, shlex.split(out), err
+
+
+def test_options_and_overrides_mix_in_any_order(capsys, tmp_path):
+    """The README's several-node command: overrides before and after the options."""
+    rc, words, err = _dry_run(capsys, "cluster=reference_32x8", "--master-addr", "10.0.0.1", "--master-port", "29500",
+                              "stage=mini_test", SHARDS, "stage.global_batch=512", f"run.dir={tmp_path}/run")
+    assert rc == 0, err
+    assert "--rdzv-endpoint=10.0.0.1:29500" in words and "--nnodes=32" in words
+    assert words[words.index("train") + 1:] == ["cluster=reference_32x8", "stage=mini_test", SHARDS,
+                                                "stage.global_batch=512", f"run.dir={tmp_path}/run"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "cluster.nodes=2: pass --master-addr"),
+    (["--master-addr", "127.0.0.1"], "--master-addr 127.0.0.1 reaches this host only"),
+    (["--master-addr", "localhost", "--local-addr", "10.0.0.7"], "--master-addr localhost reaches this host only"),
+])
+def test_several_nodes_need_the_first_nodes_address(capsys, args, message):
+    rc, _, err = _dry_run(capsys, "--master-port", "29999", "stage=mini_test", SHARDS, "cluster.nodes=2", *args)
+    assert rc == 2 and message in err
+
+
+def test_every_agent_on_this_host_is_said_explicitly(capsys):
+    """Loopback for several nodes only with a loopback --local-addr (the tests' two agents on one host);
+    torchrun picks the agent hosting the store then (the others join as clients)."""
+    rc, words, err = _dry_run(capsys, "--master-addr", "127.0.0.1", "--local-addr", "127.0.0.1", "--master-port",
+                              "29999", "stage=mini_test", SHARDS, "cluster.nodes=2")
+    assert rc == 0, err
+    assert "--rdzv-endpoint=127.0.0.1:29999" in words and not any(w.startswith("--rdzv-conf") for w in words)
+
+
+def _address_of_this_machine() -> str:
+    """A non-loopback IPv4 address of one of this machine's interfaces."""
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                return a.address
+    raise AssertionError("this test needs a network interface with a non-loopback IPv4 address")
+
+
+def test_the_agent_owning_the_master_address_hosts_the_store():
+    here = _address_of_this_machine()
+    assert store_host(here, 1) is True and store_host("127.0.0.1", 1) is True  # the only agent
+    assert store_host(here, 4) is True
+    assert store_host("203.0.113.7", 4) is False  # TEST-NET-3: another machine's
+    assert store_host("127.0.0.1", 2) is None  # every agent here: torchrun picks one
+
+
+def test_the_store_is_hosted_where_the_hostname_resolves_elsewhere(monkeypatch, capsys):
+    """A node whose name resolves to 127.0.0.1 (as on many VMs) while the endpoint is its interface's
+    address: torchrun's guess (getaddrinfo(gethostname()) against the endpoint) says "not the host", so
+    no agent hosts the store and the rendezvous fails after its timeout. The rendezvous backend torch
+    builds from our command line must host the store itself."""
+    here = _address_of_this_machine()
+    rc, words, err = _dry_run(capsys, "--master-addr", here, "--local-addr", here, "--master-port",
+                              str(free_port()), "stage=mini_test", SHARDS)
+    assert rc == 0, err
+    args = get_args_parser().parse_args(words[words.index("torch.distributed.run") + 1:])
+    params = RendezvousParameters(backend=args.rdzv_backend, endpoint=args.rdzv_endpoint, run_id=args.rdzv_id,
+                                  min_nodes=1, max_nodes=1, local_addr=args.local_addr, read_timeout=5,
+                                  **_parse_rendezvous_config(args.rdzv_conf))
+    monkeypatch.setattr(socket, "gethostname", lambda: "localhost")
+    _, store = create_backend(params)  # without is_host: RendezvousConnectionError after read_timeout
+    store.set("probe", b"1")
+    assert store.get("probe") == b"1"
 
 
 def test_two_agents_on_one_host_train_the_mini_stage(reference_run):
