@@ -188,6 +188,44 @@ def test_rerun_reuses_everything_and_other_settings_are_refused(setup, finished,
     assert "holds images made with other settings" in capsys.readouterr().err
 
 
+class _ReachedGenerate(Exception):
+    pass
+
+
+def test_settings_that_cannot_sample_are_refused_before_anything_is_pinned(setup, monkeypatch, tmp_path, capsys):
+    """--steps 27 (timesteps past the schedule) or --H 100 used to be refused only after the checkpoint was
+    loaded, with eval.json already pinning them: the same --out then refused every corrected run. A wrong
+    --arch (refused by the strict load) must not pin the folder either."""
+    root, ckpt, captions = setup
+    out = tmp_path / "out"
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("no weights should be read")
+
+    monkeypatch.setattr(sample, "load_ldm_checkpoint", forbidden)
+    for bad, says in ((("--steps", "27"), "steps=27"), (("--H", "100"), "must be a multiple of 64")):
+        assert evaluate.main(argv(root, ckpt, captions, out, *bad)) == 2
+        assert says in capsys.readouterr().err
+        assert not out.exists()
+        with pytest.raises(SystemExit) as exit_:
+            sample.main([str(ckpt), "--prompt", "x", "--arch", "tiny", "--steps", "4", "--H", "64", "--W", "64",
+                         "--device", "cpu", "--out", str(tmp_path / "samples"), *bad])
+        assert exit_.value.code == 2 and says in capsys.readouterr().err
+    monkeypatch.undo()
+
+    assert evaluate.main(argv(root, ckpt, captions, out, "--arch", "sd-v1")) == 2  # the checkpoint is tiny
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().endswith("its weights are those of --arch tiny")
+
+    def reached(*args, **kwargs):
+        raise _ReachedGenerate
+
+    monkeypatch.setattr(evaluate, "generate", reached)  # the corrected run gets past eval.json
+    with pytest.raises(_ReachedGenerate):
+        evaluate.main(argv(root, ckpt, captions, out))
+    assert json.loads((out / "eval.json").read_text())["checkpoints"]["v1-x"]["arch"] == "tiny"
+
+
 def test_killed_run_continues_where_it_stopped(setup, finished, monkeypatch):
     root, ckpt, captions = setup
     out = root / "killed"

@@ -5,7 +5,8 @@
 Formats are recognised from the paths: a directory (or a path without a suffix) is a diffusers
 pipeline folder, unless it is a trainer export (`<run.dir>/export`, `<run.dir>/exports/step-N`: its
 model.ckpt is read, and its export.json names the architecture); `.ckpt`/`.pt`/`.pth` is an original
-Lightning checkpoint; `.safetensors` is the original layout in safetensors.
+Lightning checkpoint; `.safetensors` is the original layout in safetensors. --from/--to override the
+name: `--to safetensors out.pt` writes safetensors under that name.
 
 Which UNet weights go where (a -full-ema checkpoint holds two copies: raw in model.diffusion_model.*,
 EMA in model_ema.*):
@@ -26,7 +27,7 @@ from models import configs
 from models.adapters import diffusers_folder, ldm_checkpoint as ldm
 from models.adapters.keys import KeyMismatchError
 from models.schedule import schedule_buffers
-from models.stable_diffusion import split_ldm
+from models.stable_diffusion import layout_error, split_ldm
 from train.export import checkpoint_arch, resolve_checkpoint
 
 FORMATS = ("diffusers", "ckpt", "safetensors")
@@ -49,8 +50,11 @@ def read(path: Path, fmt: str, arch: str) -> tuple[configs.SDConfig, ldm.LDMWeig
         return cfg, ldm.LDMWeights(unet=parts["unet"], vae=parts["vae"], text_encoder=parts["text_encoder"],
                                    schedule=schedule_buffers(cfg.schedule))
     cfg = ARCHS[arch]()
-    sd, step = ldm.read_checkpoint(path)
-    weights = split_ldm(sd, cfg)
+    sd, step = ldm.read_checkpoint(path, fmt)  # the format resolved from --from or the name, not re-guessed
+    try:
+        weights = split_ldm(sd, cfg, path)
+    except KeyMismatchError as err:
+        raise layout_error(err, sd, path, ARCHS) from None
     weights.global_step = step
     return cfg, weights
 
@@ -68,7 +72,7 @@ def write(path: Path, fmt: str, cfg: configs.SDConfig, w: ldm.LDMWeights, ema: b
         log(f"UNet: {which} -> model.diffusion_model.* ({'EMA-only layout' if ema else 'no EMA copy'})")
         w = dataclasses.replace(w, unet=unet, unet_ema=None)
     sd = ldm.join_state_dict(w, position_ids=cfg.text.max_position_embeddings)
-    ldm.write_checkpoint(path, sd, w.global_step)
+    ldm.write_checkpoint(path, sd, w.global_step, fmt)
 
 
 def main(argv: list[str] | None = None) -> int:

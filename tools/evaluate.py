@@ -34,8 +34,9 @@ a filesystem all of them see.
 
 Resumable: every image is written atomically under OUT/<name>/scale_<s>/, and a run skips the images
 already there, so a killed evaluation continues where it stopped; finished (checkpoint, scale) metrics
-are kept in metrics.json next to them. OUT/eval.json pins the settings that decide the images: a run
-with different ones refuses to mix them into the same folder. A larger --num-prompts extends a finished
+are kept in metrics.json next to them. OUT/eval.json pins the settings that decide the images: once OUT
+holds images, a run with different ones refuses to mix them into the same folder (settings no
+checkpoint can sample with are refused before anything is written). A larger --num-prompts extends a finished
 sweep (the draw for N is a prefix of the draw for more).
 
 Outputs, in OUT: results.csv / results.json (checkpoint, scale, FID, CLIP score, ...), grids/<name>.png
@@ -59,6 +60,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from models.adapters.keys import KeyMismatchError
 from models.device import usable_device
 from tools.metrics.clip_score import DEFAULT_ARCH as CLIP_ARCH
 from tools.metrics.clip_score import load_clip
@@ -66,8 +68,8 @@ from tools.metrics.coco import Caption, draw_captions, reference_files
 from tools.metrics.features import image_features
 from tools.metrics.fid import FeatureStats, feature_statistics, frechet_distance
 from tools.metrics.inception import file_sha256, load_fid_inception
-from tools.sample import (SamplingConfig, add_sampling_args, checkpoint_arch, load_sampling_models, resolve_checkpoint,
-                          sampling_config, save_png, txt2img)
+from tools.sample import (SamplingConfig, add_sampling_args, checkpoint_arch, checkpoint_config, load_sampling_models,
+                          resolve_checkpoint, sampling_config, save_png, txt2img)
 from tools.sweep import (WandbConfig, add_wandb_args, image_grid, log_wandb, plot_fid_vs_clip, summarise,
                          wandb_config, write_results)
 
@@ -232,20 +234,29 @@ def checkpoint_entry(checkpoint: Path, cfg: EvalConfig) -> dict:
             "arch": None if path.is_dir() else checkpoint_arch(path, cfg.arch)}
 
 
+def _has_images(out: Path, name: str) -> bool:
+    """Whether OUT/<name> (any name: "*") holds a generated image."""
+    return any(out.glob(f"{name}/scale_*/*.png"))
+
+
 def prepare_out(cfg: EvalConfig, captions: list[Caption]) -> None:
     """Write (or check against) OUT/eval.json and OUT/captions.json."""
+    for c in cfg.checkpoints:  # settings a checkpoint cannot sample with must not be pinned in eval.json
+        cfg.sampling.check_model(checkpoint_config(c, cfg.arch))
     cfg.out.mkdir(parents=True, exist_ok=True)
     meta_path, captions_path = cfg.out / "eval.json", cfg.out / "captions.json"
     checkpoints = {n: checkpoint_entry(c, cfg) for n, c in zip(cfg.checkpoint_names(), cfg.checkpoints)}
     listed = [{**c.to_json(), "seed": cfg.seed + c.index} for c in captions]
-    if meta_path.is_file():
+    # eval.json binds only once images were made under it: a run that stopped before its first image (a
+    # checkpoint that failed to load, say) must not lock the folder to its settings.
+    if meta_path.is_file() and _has_images(cfg.out, "*"):
         meta = json.loads(meta_path.read_text())
         if meta["protocol"] != json.loads(json.dumps(cfg.protocol())):
             raise ValueError(f"{cfg.out} holds images made with other settings ({meta['protocol']}); "
                              f"these are {cfg.protocol()}: use another --out, or the same settings")
         for name, entry in checkpoints.items():
             old = meta["checkpoints"].get(name)
-            if old is not None and old != entry:
+            if old is not None and old != entry and _has_images(cfg.out, name):
                 raise ValueError(f"{cfg.out}/{name} holds images of {old}, not {entry}: pass another name (--names)")
         old_captions = json.loads(captions_path.read_text()) if captions_path.is_file() else []
         common = min(len(old_captions), len(listed))
@@ -266,7 +277,7 @@ def generate(cfg: EvalConfig, captions: list[Caption], d: Dist, device: str) -> 
         missing = d.broadcast({s: missing_indices(dirs[s], n) for s in cfg.scales} if d.rank == 0 else None)
         if not any(missing.values()):
             continue
-        models = load_sampling_models(ckpt, cfg.arch, cfg.ema, device)
+        models = load_sampling_models(ckpt, cfg.arch, cfg.ema, device, sampling=cfg.sampling)
         _log(d, f"{name}: {models.weights}")
         if d.rank == 0:
             (cfg.out / name).mkdir(parents=True, exist_ok=True)
@@ -485,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(err))
     try:
         evaluate(cfg)
-    except (ValueError, FileNotFoundError) as err:  # wrong inputs: say what, without a traceback
+    except (ValueError, FileNotFoundError, KeyMismatchError) as err:  # wrong inputs: say what, without a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

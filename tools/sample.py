@@ -29,7 +29,8 @@ import torch
 from PIL import Image
 
 from models.adapters import ldm_checkpoint as ldm
-from models.adapters.keys import load_strict
+from models.adapters.keys import KeyMismatchError, load_strict
+from models.configs import SDConfig
 from models.device import usable_device
 from models.guidance import ClassifierFreeGuidance, unconditional_context
 from models.samplers import DISCRETIZATIONS, SAMPLERS, ddim_timesteps, initial_noise, seeded_generators
@@ -85,6 +86,16 @@ class SamplingConfig:
         elif not self.clip_x0 > 0:
             raise ValueError(f"clip_x0={self.clip_x0}: a bound must be > 0 (or 'none' for no clamping)")
 
+    def check_model(self, model: SDConfig) -> None:
+        """Refuse, before any weights are read or anything is written, settings this architecture cannot
+        sample with: steps whose timesteps run past its schedule, an image size its levels do not divide."""
+        ddim_timesteps(self.steps, model.schedule.timesteps, self.discretization)
+        f = image_multiple(model)
+        if self.height % f or self.width % f:
+            raise ValueError(f"image size {self.height}x{self.width} must be a multiple of {f} (first stage x UNet "
+                             f"levels): e.g. --H {max(f, round(self.height / f) * f)} --W "
+                             f"{max(f, round(self.width / f) * f)}")
+
     def clip_bound(self, first_stage: AutoencoderKL | PixelFirstStage) -> float | None:
         """The bound the sampler clamps pred_x0 to with this first stage (None: no clamping)."""
         if self.clip_x0 == "none":
@@ -117,6 +128,30 @@ class SamplingModels:
                    unconditional_context(tokenizer, text_encoder), torch.device(device), weights)
 
 
+def image_multiple(model: SDConfig) -> int:
+    """What image sides must be multiples of: the latents pass the UNet's len(channel_mult) - 1 downsamplings
+    and come back to the skip connections."""
+    first_stage = PixelFirstStage().factor if model.first_stage == "pixel" else model.vae.downsample_factor
+    return first_stage * 2 ** (len(model.unet.channel_mult) - 1)
+
+
+def _original_arch(source: Path, arch: str | None) -> str:
+    arch = checkpoint_arch(source, arch)
+    if arch not in ARCHS:
+        raise ValueError(f"arch={arch!r}: choose one of {', '.join(sorted(ARCHS))}")
+    return arch
+
+
+def checkpoint_config(source: str | os.PathLike, arch: str | None = None) -> SDConfig:
+    """The architecture loading `source` builds, from its name, export.json or config files alone."""
+    source = resolve_checkpoint(source)
+    if source.is_dir():
+        from models.adapters.diffusers_folder import read_config
+
+        return read_config(source)
+    return ARCHS[_original_arch(source, arch)]()
+
+
 def _load_parts(source: Path, arch: str | None, ema: bool | None) -> tuple[SDModels, str]:
     source = resolve_checkpoint(source)
     if source.is_dir():
@@ -130,10 +165,7 @@ def _load_parts(source: Path, arch: str | None, ema: bool | None) -> tuple[SDMod
         load_strict(m.vae, parts["vae"], "VAE")
         load_strict(m.text_encoder, parts["text_encoder"], "text encoder")
         return m, f"the UNet of the diffusers folder {source}"
-    arch = checkpoint_arch(source, arch)
-    if arch not in ARCHS:
-        raise ValueError(f"arch={arch!r}: choose one of {', '.join(sorted(ARCHS))}")
-    m = load_ldm_checkpoint(source, ARCHS[arch]())
+    m = load_ldm_checkpoint(source, ARCHS[_original_arch(source, arch)](), archs=ARCHS)
     # pick_unet returns the EMA dict when that is the choice, else the (empty) raw dict we pass: the UNet
     # module already holds the raw / single copy.
     chosen, which = ldm.LDMWeights(unet={}, vae={}, text_encoder={}, schedule={}, unet_ema=m.unet_ema).pick_unet(ema)
@@ -144,10 +176,13 @@ def _load_parts(source: Path, arch: str | None, ema: bool | None) -> tuple[SDMod
 
 
 def load_sampling_models(source: str | os.PathLike, arch: str | None = None, ema: bool | None = None,
-                         device: torch.device | str = "cpu") -> SamplingModels:
+                         device: torch.device | str = "cpu", sampling: SamplingConfig | None = None) -> SamplingModels:
     """Load a checkpoint for sampling. arch=None: a trainer export's own, else sd-v1 (see checkpoint_arch);
-    ema=None: EMA weights when the file has both copies."""
+    ema=None: EMA weights when the file has both copies; `sampling`: settings to check against the
+    architecture first."""
     device = usable_device(str(device))  # before reading gigabytes of weights
+    if sampling is not None:
+        sampling.check_model(checkpoint_config(source, arch))
     m, which = _load_parts(Path(source), arch, ema)
     unet = m.unet.eval().requires_grad_(False).to(device)
     vae = m.vae.eval().to(device)
@@ -285,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--n-samples and --batch-size must be >= 1")
 
     try:
-        models = load_sampling_models(args.checkpoint, args.arch, args.ema, args.device)
+        models = load_sampling_models(args.checkpoint, args.arch, args.ema, args.device, sampling=cfg)
         print(f"UNet: {models.weights}", file=sys.stderr)
         jobs = [(p, args.seed + k) for k, p in enumerate(p for p in args.prompt for _ in range(args.n_samples))]
         for start in range(0, len(jobs), args.batch_size):
@@ -295,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 path = args.out / f"{seed:08d}-{_slug(prompt)}.png"
                 save_png(path, image.numpy())
                 print(path)
-    except (ValueError, FileNotFoundError) as err:  # wrong inputs: say what, without a traceback
+    except (ValueError, FileNotFoundError, KeyMismatchError) as err:  # wrong inputs: say what, without a traceback
         parser.error(str(err))
     return 0
 

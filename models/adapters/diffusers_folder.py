@@ -1,7 +1,8 @@
 """A diffusers pipeline folder: unet/, vae/, text_encoder/, tokenizer/, scheduler/, model_index.json.
 
 Each component is a config.json plus one safetensors file, the names diffusers and transformers
-read. The scheduler written is the PNDM (PLMS) config the SD v1 diffusers releases ship.
+read (reading also takes its fp16/bf16 variant file when that is the only one). The scheduler written
+is the PNDM (PLMS) config the SD v1 diffusers releases ship.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from ..configs import SDConfig
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 TRANSFORMERS_WEIGHTS = "model.safetensors"
+# diffusers' `variant`s that hold the same weights at lower precision (fp16 releases ship only these).
+PRECISION_VARIANTS = ("fp16", "bf16")
 
 
 def scheduler_config(cfg: SDConfig) -> dict:
@@ -56,11 +59,30 @@ def _write_component(folder: Path, config: dict, tensors: dict[str, torch.Tensor
               metadata={"format": "pt"})
 
 
+def weights_file(folder: Path, weights_name: str) -> Path:
+    """The component's weights: `weights_name`, else its one precision variant (`*.fp16.safetensors` or
+    `*.bf16.safetensors`, what diffusers' save_pretrained(variant=...) writes and from_pretrained(variant=...)
+    reads). The plain file wins when both are there: it is the full-precision copy."""
+    plain = folder / weights_name
+    if plain.is_file():
+        return plain
+    stem, suffix = weights_name.rsplit(".", 1)
+    accepted = [f"{stem}.{v}.{suffix}" for v in PRECISION_VARIANTS]
+    found = [folder / name for name in accepted if (folder / name).is_file()]
+    if len(found) > 1:
+        raise ValueError(f"{folder} holds {' and '.join(p.name for p in found)} but no {weights_name}: "
+                         "keep one of them (or add the full-precision file) so it is clear which to load")
+    if not found:
+        raise FileNotFoundError(f"diffusers folder is missing {plain} (also accepted: {', '.join(accepted)}; "
+                                "sharded weights are not supported)")
+    return found[0]
+
+
 def read_component(folder: Path, weights_name: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    config_path, weights_path = folder / "config.json", folder / weights_name
-    for p in (config_path, weights_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"diffusers folder is missing {p}")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"diffusers folder is missing {config_path}")
+    weights_path = weights_file(folder, weights_name)
     return json.loads(config_path.read_text()), load_file(str(weights_path))
 
 
@@ -83,14 +105,17 @@ def save_diffusers(folder: str | Path, cfg: SDConfig, unet: dict[str, torch.Tens
     return folder
 
 
-def load_diffusers(folder: str | Path) -> tuple[SDConfig, dict[str, dict[str, torch.Tensor]]]:
-    """(config, {"unet", "vae", "text_encoder": our state dicts}) from a pipeline folder, strictly."""
+def read_config(folder: str | Path) -> SDConfig:
+    """The architecture and schedule a pipeline folder describes, from its config files alone (no weights)."""
     from ..configs import ScheduleConfig
 
     folder = Path(folder)
-    unet_cfg, unet = read_component(folder / "unet", DIFFUSERS_WEIGHTS)
-    vae_cfg, vae = read_component(folder / "vae", DIFFUSERS_WEIGHTS)
-    text_cfg, text = read_component(folder / "text_encoder", TRANSFORMERS_WEIGHTS)
+    configs = {}
+    for part in ("unet", "vae", "text_encoder"):
+        path = folder / part / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"diffusers folder is missing {path}")
+        configs[part] = json.loads(path.read_text())
     schedule = ScheduleConfig()
     sched_path = folder / "scheduler" / "scheduler_config.json"
     if sched_path.is_file():
@@ -99,8 +124,18 @@ def load_diffusers(folder: str | Path) -> tuple[SDConfig, dict[str, dict[str, to
             raise ValueError(f"{sched_path}: beta_schedule={s['beta_schedule']!r}; SD v1 uses 'scaled_linear'")
         schedule = ScheduleConfig(timesteps=s.get("num_train_timesteps", 1000),
                                   linear_start=s.get("beta_start", 0.00085), linear_end=s.get("beta_end", 0.012))
-    cfg = SDConfig(unet=diffusers_unet.config_from_diffusers(unet_cfg), vae=diffusers_vae.config_from_diffusers(vae_cfg),
-                   text=diffusers_text.config_from_diffusers(text_cfg), schedule=schedule)
+    return SDConfig(unet=diffusers_unet.config_from_diffusers(configs["unet"]),
+                    vae=diffusers_vae.config_from_diffusers(configs["vae"]),
+                    text=diffusers_text.config_from_diffusers(configs["text_encoder"]), schedule=schedule)
+
+
+def load_diffusers(folder: str | Path) -> tuple[SDConfig, dict[str, dict[str, torch.Tensor]]]:
+    """(config, {"unet", "vae", "text_encoder": our state dicts}) from a pipeline folder, strictly."""
+    folder = Path(folder)
+    cfg = read_config(folder)
+    _, unet = read_component(folder / "unet", DIFFUSERS_WEIGHTS)
+    _, vae = read_component(folder / "vae", DIFFUSERS_WEIGHTS)
+    _, text = read_component(folder / "text_encoder", TRANSFORMERS_WEIGHTS)
     return cfg, {
         "unet": diffusers_unet.from_diffusers(unet, cfg.unet),
         "vae": diffusers_vae.from_diffusers(vae, cfg.vae),

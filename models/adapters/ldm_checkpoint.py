@@ -102,8 +102,11 @@ def join_state_dict(w: LDMWeights, ema_only: bool = False, position_ids: int | N
     sd: dict[str, torch.Tensor] = dict(w.schedule)
     unet = w.unet_ema if ema_only else w.unet
     sd.update({UNET + k: v for k, v in unet.items()})
-    sd[EMA_DECAY] = torch.tensor(0.9999 if w.ema_decay is None else w.ema_decay, dtype=torch.float32)
-    sd[EMA_NUM_UPDATES] = torch.tensor(w.ema_num_updates or 0, dtype=torch.int32)
+    # LitEma's decay/num_updates: kept when the source had them, written (LitEma's defaults where unknown)
+    # with an EMA copy; an EMA-only file without them (e.g. pruned) stays without them.
+    if w.unet_ema is not None or w.ema_decay is not None or w.ema_num_updates is not None:
+        sd[EMA_DECAY] = torch.tensor(0.9999 if w.ema_decay is None else w.ema_decay, dtype=torch.float32)
+        sd[EMA_NUM_UPDATES] = torch.tensor(w.ema_num_updates or 0, dtype=torch.int32)
     if w.unet_ema is not None and not ema_only:
         sd.update({lit_ema_name(k): v for k, v in w.unet_ema.items()})
     sd.update({VAE + k: v for k, v in w.vae.items()})
@@ -144,12 +147,25 @@ def _torch_load_weights_only(path: Path) -> dict:
             "environment as safetensors (or as a dict of tensors) and convert that file.") from err
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], int | None]:
-    """(state_dict, global_step) from a Lightning `.ckpt`/`.pt`/`.pth` or a `.safetensors` file."""
+FILE_FORMATS = ("ckpt", "safetensors")
+
+
+def file_format(path: str | Path, fmt: str | None = None) -> str:
+    """`fmt` when given ("ckpt": a torch pickle, "safetensors"), else the one the file name says."""
+    if fmt is None:
+        return "safetensors" if Path(path).suffix == ".safetensors" else "ckpt"
+    if fmt not in FILE_FORMATS:
+        raise ValueError(f"file format {fmt!r}: choose one of {', '.join(FILE_FORMATS)}")
+    return fmt
+
+
+def read_checkpoint(path: str | Path, fmt: str | None = None) -> tuple[dict[str, torch.Tensor], int | None]:
+    """(state_dict, global_step) from a Lightning `.ckpt`/`.pt`/`.pth` or a `.safetensors` file; `fmt`
+    ("ckpt" or "safetensors") overrides what the suffix says."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
-    if path.suffix == ".safetensors":
+    if file_format(path, fmt) == "safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
@@ -166,12 +182,15 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], int | No
     raise KeyMismatchError(f"{path}: not an SD checkpoint (expected a dict with 'state_dict', or a dict of tensors)")
 
 
-def write_checkpoint(path: str | Path, sd: Mapping[str, torch.Tensor], global_step: int | None) -> None:
-    """Write what the original code loads: `torch.load(p)["state_dict"]` (and `["global_step"]`)."""
+def write_checkpoint(path: str | Path, sd: Mapping[str, torch.Tensor], global_step: int | None,
+                     fmt: str | None = None) -> None:
+    """Write what the original code loads: `torch.load(p)["state_dict"]` (and `["global_step"]`), or its
+    safetensors twin; `fmt` ("ckpt" or "safetensors") overrides what the suffix says."""
     path = Path(path)
+    fmt = file_format(path, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-    if path.suffix == ".safetensors":
+    if fmt == "safetensors":
         from safetensors.torch import save_file
 
         save_file(tensors, str(path), metadata={"global_step": str(global_step or 0), "format": "pt"})
