@@ -78,8 +78,8 @@ class LoaderConfig:
     # the precomputed text embeddings.
     latents: bool = False
     context: bool = False
-    # Begin a fresh run at this epoch (a new stage over shards an earlier one read, say; a change of
-    # world size needs no such thing: see load_state_dicts).
+    # Begin a fresh run at this epoch (the trainer gives each stage its own `seed` instead: see
+    # train.config.stage_seed; a change of world size needs neither: see load_state_dicts).
     start_epoch: int = 0
     pin_memory: bool = False
     prefetch_factor: int = 2

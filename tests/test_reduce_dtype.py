@@ -10,7 +10,7 @@ import torch
 from data.synth import write_synthetic_shards
 from train.config import ConfigError, validate
 from train.parallel.deepspeed_engine import deepspeed_config
-from train_helpers import compose_train_config, in_process_trainer, one_rank_group
+from train_helpers import compose_train_config, in_fresh_process, in_process_trainer, one_rank_group
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +58,54 @@ def test_deepspeed_reduces_in_the_configured_dtype_not_its_default(tmp_path, sha
     cfg.parallel.reduce_dtype = "fp16"
     with pytest.raises(ConfigError, match="parallel.reduce_dtype='fp16': choose fp32 or bf16"):
         validate(cfg, 1)
+
+
+
+def _deepspeed_bf16_accumulation_error(shards: str, zero_stage: int, steps: int) -> float:
+    """The largest relative error, over the UNet's tensors, of DeepSpeed's gradient accumulated over `steps`
+    bf16 micro-batches against the fp32 sum of the same micro-batch gradients (one rank: the reduction adds
+    nothing). Runs in a process of its own (see in_fresh_process)."""
+    import copy
+    import os
+
+    from deepspeed.utils import safe_get_full_grad
+
+    from conftest import reinit_zeroed_, rel_err
+    from models import configs
+    from models.stable_diffusion import build_models
+    from train.distributed import DistEnv
+    from train.parallel import build_engine
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")  # what torchrun sets and DeepSpeed reads
+    cfg = compose_train_config(f"stage.data.shards='{shards}'", "backend=deepspeed", "parallel.precision=bf16",
+                               "parallel.channels_last=false", f"parallel.zero_stage={zero_stage}",
+                               "stage.micro_batch=1", f"stage.global_batch={steps}")
+    assert validate(cfg, 1) == steps
+    torch.manual_seed(0)
+    unet = reinit_zeroed_(build_models(configs.tiny()).unet)
+    reference = copy.deepcopy(unet).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(1, 4, 8, 8, generator=g), torch.randint(0, 1000, (1,), generator=g),
+                torch.randn(1, 77, 32, generator=g), torch.randn(1, 4, 8, 8, generator=g)) for _ in range(steps)]
+    with one_rank_group("deepspeed", always=True):
+        engine = build_engine(cfg, unet, DistEnv(0, 1, 0, torch.device("cpu")), steps)
+        for i, (x, t, c, target) in enumerate(batches):
+            loss = torch.nn.functional.mse_loss(engine.module(x, t, c).float(), target)
+            engine.backward(loss, last_micro_batch=i == steps - 1)
+        accumulated = {n: safe_get_full_grad(p).float() for n, p in unet.named_parameters()}
+    fp32_sum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in reference.named_parameters()}
+    for x, t, c, target in batches:
+        reference.zero_grad()
+        (torch.nn.functional.mse_loss(reference(x.bfloat16(), t, c.bfloat16()).float(), target) / steps).backward()
+        for n, p in reference.named_parameters():
+            fp32_sum[n] += p.grad.float()
+    return max(rel_err(accumulated[n], fp32_sum[n]) for n in fp32_sum)
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_deepspeed_sums_bf16_micro_batches_in_fp32(shards, zero_stage):
+    """Under bf16 DeepSpeed would sum the micro-batches' gradients in bf16 (its default accumulation dtype
+    is the parameters'), where DDP and FSDP2 sum in fp32. ZeRO-1 and 2 sum them in fp32 through different
+    code (BF16_Optimizer, an fp32 accumulator): both must give the fp32 sum."""
+    error = in_fresh_process(_deepspeed_bf16_accumulation_error, shards, zero_stage, 2)
+    assert error < 1e-6  # summed in bf16 instead: ~3e-3 (8 bits of mantissa)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from train_helpers import in_process_trainer, one_rank_group
+from train_helpers import in_fresh_process, in_process_trainer, one_rank_group
 
 HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
               torch.ops.aten.is_nonzero.default}
@@ -101,3 +101,40 @@ def test_a_skipped_step_leaves_weights_moments_and_ema_bit_identical(tmp_path, t
         moved = snapshot()
         assert moved[3] == 2
         assert any(not torch.equal(before[0][n], moved[0][n]) for n in before[0])
+
+
+
+def _overflowing_gradient_step(tmp_path, two_shards, backend) -> dict:
+    """One step whose loss is finite but whose gradient overflows, as the loop runs it: what the engine
+    reported and what the step left behind. Runs in a process of its own (train_helpers.in_fresh_process)."""
+    import os
+
+    from train.step import training_loss
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")  # what torchrun sets and DeepSpeed reads
+    with one_rank_group(backend, always=True):
+        trainer = in_process_trainer(tmp_path, two_shards, f"backend={backend}", "parallel.precision=fp32",
+                                     "parallel.channels_last=false", "stage.micro_batch=4")
+        engine = trainer.engine
+        weights = {n: p.detach().clone() for n, p in engine.unet.named_parameters()}
+        lr = engine.lr()
+        loss = training_loss(next(iter(trainer.loader)), engine.module, trainer.frozen, trainer.schedule,
+                             trainer.env.device, trainer.generator, contextlib.nullcontext(), engine.autocast())
+        loss = loss * 3e38  # a loss spike, still finite: the loss vote sees nothing
+        engine.backward(loss, last_micro_batch=True)
+        norm, skipped = engine.step(skip=torch.zeros(()))
+        trainer._update_ema(skipped)
+        trainer.stop_loader()
+        return {"loss_finite": bool(torch.isfinite(loss)), "norm_finite": bool(torch.isfinite(norm)),
+                "skipped": float(skipped), "ema_updates": trainer.ema.num_updates,
+                "weights_kept": all(torch.equal(weights[n], p.detach()) for n, p in engine.unet.named_parameters()),
+                "lr_steps": engine.scheduler.last_epoch, "lr_moved": engine.lr() != lr}
+
+
+@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+def test_a_gradient_that_overflows_a_finite_loss_is_a_skip_on_every_backend(tmp_path, two_shards, backend):
+    """DeepSpeed drops such an update itself; the step must still say so (the EMA and the non-finite counters
+    read it), and the LR schedule must still follow the step count, as under DDP."""
+    out = in_fresh_process(_overflowing_gradient_step, tmp_path, two_shards, backend)
+    assert out == {"loss_finite": True, "norm_finite": False, "skipped": 1.0, "ema_updates": 0,
+                   "weights_kept": True, "lr_steps": 1, "lr_moved": True}

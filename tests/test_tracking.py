@@ -332,3 +332,39 @@ def test_format_helpers() -> None:
     ]
     assert format_summary({"final_loss": math.nan, "steps": None}).splitlines() == [
         "run summary", "  steps       n/a", "  final loss  nan"]
+
+
+def test_mfu_peak_follows_cluster_gpu_name(monkeypatch) -> None:
+    """cluster.gpu_name, when set, names the card the MFU is of; else the driver's name does."""
+    from train.flops import peak_tflops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert peak_tflops("cuda", "bf16") == 989.0
+    assert peak_tflops("cuda", "bf16", "H100 PCIe") == 756.0
+    assert peak_tflops("cuda", "bf16", "A100-SXM4-80GB") == 312.0
+    assert peak_tflops("cpu", "bf16", "A100-SXM4-80GB") is None
+
+
+def test_throughput_meter_leaves_out_paused_work() -> None:
+    """Validation, sample grids and checkpoint saves run between steps: their time must not count in the
+    window's img/s and MFU (a 2 s sample grid once made the next window's img/s a tenth of the steps')."""
+    clock = FakeClock()
+    meter = ThroughputMeter(world_size=2, flops_per_image=1e12, peak_tflops=100.0, clock=clock)
+    for _ in range(2):  # 2 steps of 8 local images, 0.5 s each
+        clock.t += 0.5
+        meter.step_done(8)
+    with meter.paused():  # a sample grid
+        clock.t += 2.0
+    with meter.waiting_for_data():
+        clock.t += 0.25
+    clock.t += 0.25
+    meter.step_done(8)
+    out = meter.window()
+    assert out["throughput/img_per_s_per_gpu"] == pytest.approx(24 / 1.5)
+    assert out["throughput/mfu"] == pytest.approx(24 / 1.5 * 1e12 / 1e12 / 100.0)
+    assert out["throughput/data_wait_frac"] == pytest.approx(0.25 / 1.5)
+    with meter.paused():  # a checkpoint save right after the window: it is not the next one's either
+        clock.t += 5.0
+    clock.t += 0.5
+    meter.step_done(8)
+    assert meter.window()["throughput/img_per_s_per_gpu"] == pytest.approx(16.0)

@@ -365,8 +365,9 @@ def init_with_distinct_ema(tmp_path_factory, ddp_reference):
 @pytest.mark.parametrize("backend", ["ddp", "fsdp", "deepspeed-3"])
 def test_stage_init_carries_the_ema_into_every_backend(tmp_path, shards, init_with_distinct_ema, backend):
     """A stage starting from a checkpoint puts its EMA into each backend's layout (FSDP2 shards, ZeRO-3's flat
-    partitions: this crashed with a shape mismatch before). After one step the EMA is LitEma's first update
-    of it, computed here: decay (1 + 1) / (10 + 1), towards the raw weights the run exported."""
+    partitions: this crashed with a shape mismatch before). After one step the EMA is LitEma's next update
+    of it, computed here: its count n carried with it (model_ema.num_updates, here the reference run's 6 steps),
+    decay (1 + n + 1) / (10 + n + 1), towards the raw weights the run exported."""
     from models.configs import tiny
     from models.stable_diffusion import load_ldm_checkpoint
 
@@ -377,7 +378,53 @@ def test_stage_init_carries_the_ema_into_every_backend(tmp_path, shards, init_wi
                                    *([f"parallel.zero_stage={zero}"] if zero else [])))
     start = load_ldm_checkpoint(init_with_distinct_ema, tiny()).unet_ema
     after = load_ldm_checkpoint(run_dir / "export" / "model.ckpt", tiny())
-    raw, decay = after.unet.state_dict(), 2 / 11
+    carried = int(torch.load(init_with_distinct_ema, map_location="cpu", weights_only=True)["state_dict"]
+                  ["model_ema.num_updates"])
+    assert carried == 6
+    raw, decay = after.unet.state_dict(), (1 + carried + 1) / (10 + carried + 1)
     assert start.keys() == after.unet_ema.keys() == raw.keys()
     worst = max((after.unet_ema[k] - (decay * start[k] + (1 - decay) * raw[k])).abs().max().item() for k in raw)
     assert worst < 1e-5
+
+
+def _resumed_with_new_settings(tmp_path, two_shards, backend) -> dict:
+    """Two steps at lr 1e-4, weight decay 0.01, EMA decay 0.9999, a checkpoint, then a resume of it with
+    lr 2e-5, weight decay 0, betas (0.8, 0.99), eps 1e-6, EMA decay 0.99: the settings the resumed run holds."""
+    import contextlib
+    import os
+
+    from train_helpers import in_process_trainer, one_rank_group
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")  # what torchrun sets and DeepSpeed reads
+    common = [f"backend={backend}", "parallel.precision=fp32", "parallel.channels_last=false",
+              "optim.warmup_steps=100"]
+    with one_rank_group(backend, always=True):
+        first = in_process_trainer(tmp_path, two_shards, *common)
+        batches = iter(first.loader)
+        for _ in range(2):
+            first.optimizer_step([next(batches)], preempt_requested=False, encode_autocast=contextlib.nullcontext())
+            first.state.step += 1
+        first.save()
+        first.stop_loader()
+        resumed = in_process_trainer(tmp_path, two_shards, *common, "optim.lr=2e-5", "optim.weight_decay=0.0",
+                                     "optim.beta1=0.8", "optim.beta2=0.99", "optim.eps=1e-6", "ema.max_decay=0.99")
+        resumed.stop_loader()
+        group = resumed.engine.scheduler.optimizer.param_groups[0]
+        return {"step": resumed.state.step, "lr": resumed.engine.lr(), "initial_lr": group["initial_lr"],
+                "base_lrs": resumed.engine.scheduler.base_lrs, "weight_decay": group["weight_decay"],
+                "betas": tuple(group["betas"]), "eps": group["eps"], "ema_max_decay": resumed.ema.max_decay}
+
+
+@pytest.mark.parametrize("backend", ["ddp", "fsdp", "deepspeed"])
+def test_a_resume_takes_the_configured_lr_and_optimiser_settings(tmp_path, two_shards, backend):
+    """Lowering the LR (or changing AdamW's settings, the EMA decay) and resuming is what one does after a loss
+    spike: the optimiser's and the schedule's state dicts bring the saved values back, and the config must win
+    over them, the same on every backend. The schedule keeps its step: the LR is the new one at step 2 of the
+    warmup (CompVis' LambdaLinearScheduler: 1e-6 + (1 - 1e-6) * 2 / 100)."""
+    from train.lr import warmup_multiplier
+    from train_helpers import in_fresh_process
+
+    out = in_fresh_process(_resumed_with_new_settings, tmp_path, two_shards, backend)  # DeepSpeed: its own process
+    assert out == {"step": 2, "lr": pytest.approx(2e-5 * warmup_multiplier(2, 100, 1e-6), rel=1e-12),
+                   "initial_lr": 2e-5, "base_lrs": [2e-5], "weight_decay": 0.0, "betas": (0.8, 0.99), "eps": 1e-6,
+                   "ema_max_decay": 0.99}

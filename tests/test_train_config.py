@@ -8,7 +8,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from train.config import ConfigError, TrainConfig, accumulation_steps, check_frozen_sources, validate
+from train.config import (ConfigError, TrainConfig, accumulation_steps, check_frozen_sources, loader_config,
+                          stage_seed, validate)
 from train.ema import EMA
 from train.lr import warmup_multiplier
 from train.main import CONF_DIR, to_dataclass
@@ -221,3 +222,60 @@ def test_a_stage_from_scratch_must_name_its_pretrained_frozen_parts(tmp_path):
         check_frozen_sources(parts)
     check_frozen_sources(_compose("stage=v1-2"), on_disk=False)
     check_frozen_sources(_compose("stage=mini_test"))  # toy models train on random frozen parts
+
+
+def test_a_stage_over_an_earlier_stages_shards_draws_its_own_order(tmp_path):
+    """sd-v1-3 reads the shards sd-v1-2 read, with the same run.seed: it must not replay v1-2's sample order
+    (nor its noise, seeded from the same stage seed); the same stage again must give the same order."""
+    from data.loader import ShardLoader
+    from data.synth import write_synthetic_shards
+
+    write_synthetic_shards(tmp_path, num_shards=4, samples_per_shard=8, image_size=32)
+    shards = f"{tmp_path}/{{00000..00003}}.tar"
+
+    def first_keys(stage_name):
+        cfg = _compose("stage=mini_test", f"stage.name={stage_name}", f"stage.data.shards='{shards}'",
+                       "stage.data.resolution=32", "stage.data.num_workers=0")
+        it = iter(ShardLoader(loader_config(cfg)))
+        keys = [k for _ in range(4) for k in next(it)["keys"]]
+        it.close()
+        return keys, stage_seed(cfg)
+
+    v12, v12_again, v13 = first_keys("v1-2"), first_keys("v1-2"), first_keys("v1-3")
+    assert v12 == v12_again
+    assert v12[1] != v13[1] and v12[0] != v13[0]
+    assert stage_seed(_compose("stage=v1-2")) != stage_seed(_compose("stage=v1-3"))
+
+
+def test_continuing_the_warmup_needs_the_carried_step():
+    """restart_warmup=false continues the schedule from the step the stage carries; with init.step=false
+    there is none, and the warmup restarted from zero while the config said it would not."""
+    cfg = _compose("stage=v1-1_512", "cluster=reference_32x8", "stage.init.step=false")
+    with pytest.raises(ConfigError, match="stage.init.restart_warmup=false .* set stage.init.step=true"):
+        validate(cfg, 256)
+    validate(_compose("stage=v1-1_512", "cluster=reference_32x8"), 256)  # as shipped: step carried
+
+
+def test_a_carried_ema_keeps_its_update_count_without_the_step(tmp_path):
+    """stage.init.ema=true, init.step=false (the default): LitEma's num_updates travels with the average
+    (model_ema.num_updates), so the carried EMA decays as the previous stage's did; restarted at 0 it would
+    weigh the new weights by 1 - 2/11 at the first update and be gone within ten."""
+    from models import configs
+    from models.adapters import ldm_checkpoint as ldm
+    from models.stable_diffusion import build_models, ldm_state_dict
+    from train.export import load_stage_init
+
+    sd = configs.tiny()
+    m = build_models(sd)
+    m.global_step = 60_000
+    m.unet_ema = {k: v + 0.1 for k, v in m.unet.state_dict().items()}
+    (tmp_path / "export").mkdir()
+    # 120k updates in 60k steps: a stage run with ema.update_every=micro_batch and accumulation 2.
+    ldm.write_checkpoint(tmp_path / "export" / "model.ckpt", ldm_state_dict(m, ema_num_updates=120_000), 60_000)
+    cfg = TrainConfig()
+    cfg.model.arch = "tiny"
+    cfg.stage.init.from_checkpoint = str(tmp_path / "export")
+    assert cfg.stage.init.ema and not cfg.stage.init.step
+    init = load_stage_init(cfg, sd, build_models(sd))
+    assert (init.step, init.ema_num_updates) == (0, 120_000)
+    assert all(torch.equal(init.ema[k], m.unet_ema[k]) for k in m.unet_ema)

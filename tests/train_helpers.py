@@ -95,3 +95,14 @@ def in_process_trainer(tmp_path: Path, shards: str, *overrides: str, env=None):
                     f"cluster.gpus_per_node={env.world_size}", f"stage.global_batch={4 * env.world_size}",
                     *overrides])
     return Trainer(to_dataclass(cfg), env, OmegaConf.to_container(cfg, resolve=True))
+
+
+def in_fresh_process(fn, *args):
+    """fn(*args) in a new Python process (spawned: nothing of this one's state), returning its result. For
+    DeepSpeed engines built in a test: DeepSpeed keeps its process groups in module globals, so a second
+    engine in the test runner would find the first one's destroyed group. `fn` must be a module-level
+    function of an importable module (a test file is one)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)

@@ -134,7 +134,7 @@ class InitConfig:
     ema: bool = True
     optimizer: bool = False
     step: bool = False
-    # Restart the LR warmup from zero (True) or continue the schedule from the carried step.
+    # Restart the LR warmup from zero (True) or continue the schedule from the carried step (False: needs step).
     restart_warmup: bool = True
 
 
@@ -192,6 +192,7 @@ class ClusterConfig:
     gpus_per_node: int = 1
     # "cpu" runs every process on the CPU with gloo (tests, the embedded default).
     device: str = "cuda"
+    # The card, for the MFU's peak (train/flops.py PEAK_TFLOPS, e.g. "A100-SXM4-80GB"); None = the driver's name.
     gpu_name: Optional[str] = None
     partition: Optional[str] = None
     account: Optional[str] = None
@@ -273,6 +274,16 @@ def accumulation_steps(global_batch: int, world_size: int, micro_batch: int) -> 
     return global_batch // per_step
 
 
+def stage_seed(cfg: TrainConfig) -> int:
+    """The seed of a stage's data order, caption dropout and diffusion noise: run.seed mixed with the stage's
+    name. sd-v1-3 trains on the shards sd-v1-2 read; on run.seed alone it would replay v1-2's sample order and
+    noise draws step for step. The initial weights (and a random frozen part) keep run.seed itself."""
+    import hashlib
+
+    key = f"stage/{cfg.run.seed}/{cfg.stage.name}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:4], "little") >> 1
+
+
 def loader_config(cfg: TrainConfig, pin_memory: bool = False):
     """The stage's data settings as the loader's config (data.loader.LoaderConfig)."""
     from data.filters_runtime import stage_filter
@@ -280,7 +291,7 @@ def loader_config(cfg: TrainConfig, pin_memory: bool = False):
 
     data = cfg.stage.data
     return LoaderConfig(shards=data.shards, resolution=data.resolution, batch_size=cfg.stage.micro_batch,
-                        num_workers=data.num_workers, seed=cfg.run.seed, caption_dropout=data.caption_dropout,
+                        num_workers=data.num_workers, seed=stage_seed(cfg), caption_dropout=data.caption_dropout,
                         crop=data.crop, filters=stage_filter(data.subset) if data.subset else None,
                         latents=data.latents, context=data.context, shuffle_buffer=data.shuffle_buffer,
                         shards_per_group=data.shards_per_group, pin_memory=pin_memory)
@@ -378,6 +389,11 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
                           "trained at lr 1e-4 unscaled and runs with it on failed to converge. Set it to false.")
     if cfg.ema.update_every not in ("step", "micro_batch"):
         raise ConfigError(f"ema.update_every={cfg.ema.update_every!r}: choose step or micro_batch")
+    init = cfg.stage.init
+    if not init.restart_warmup and not (init.from_checkpoint and init.step):
+        raise ConfigError("stage.init.restart_warmup=false continues the LR warmup from the carried step, but no step "
+                          "is carried (it needs stage.init.from_checkpoint and stage.init.step=true): set "
+                          "stage.init.step=true, or restart_warmup=true to warm up from zero")
     sd = cfg.model.sd_config()
     multiple = sd.vae.downsample_factor * 2 ** (len(sd.unet.channel_mult) - 1)
     if cfg.stage.data.resolution < multiple or cfg.stage.data.resolution % multiple:

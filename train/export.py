@@ -97,9 +97,13 @@ def load_stage_init(cfg, sd_cfg, models) -> StageInit:
     ema = None
     if init.ema:
         ema = src.unet_ema if src.unet_ema is not None else raw  # EMA-only files hold the EMA as the one copy
+    # The EMA's own update count comes with it, whatever init.step says (LitEma keeps num_updates as a buffer
+    # beside the weights): its decay (1 + n) / (10 + n) restarted at n = 0 would replace the carried average
+    # by the new weights within ten updates. Files that record no count (a diffusers conversion) give the step
+    # they were saved at, one update per step as LitEma's.
     ema_updates = 0
-    if init.ema and init.step and src.unet_ema is not None:
-        ema_updates = int(src.global_step or 0)
+    if init.ema:
+        ema_updates = src.ema_num_updates if src.ema_num_updates is not None else int(src.global_step or 0)
     return StageInit(ema=ema, ema_num_updates=ema_updates, step=int(src.global_step or 0) if init.step else 0)
 
 

@@ -25,11 +25,13 @@ PEAK_TFLOPS = {
 }
 
 
-def peak_tflops(device: str | torch.device, dtype: str) -> float | None:
-    """The device's dense peak for `dtype`, or None where we have no table entry (e.g. CPUs)."""
+def peak_tflops(device: str | torch.device, dtype: str, gpu_name: str | None = None) -> float | None:
+    """The device's dense peak for `dtype`, or None where we have no table entry (e.g. CPUs). `gpu_name`
+    (cluster.gpu_name) names the card instead of the driver's name for it, e.g. "H100 PCIe" where the
+    driver's string does not say which H100."""
     if torch.device(device).type != "cuda":
         return None
-    name = torch.cuda.get_device_name(torch.device(device))
+    name = gpu_name or torch.cuda.get_device_name(torch.device(device))
     if "H100" in name and "PCIe" in name:
         return {"bf16": 756.0, "fp16": 756.0, "fp32": 378.0}[dtype]
     for fragment, peaks in PEAK_TFLOPS.items():

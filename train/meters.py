@@ -65,6 +65,7 @@ class ThroughputMeter:
         self._window_start = now
         self._images = 0
         self._wait_s = 0.0
+        self._paused_s = 0.0
         if self._wait_started is not None:
             self._wait_started = now
 
@@ -85,13 +86,23 @@ class ThroughputMeter:
         finally:
             self.data_wait_end()
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Work between steps that is not training (validation, sample grids, checkpoint saves): its time is
+        left out of the window it falls in, so img/s and MFU stay those of the steps."""
+        started = self._clock()
+        try:
+            yield
+        finally:
+            self._paused_s += self._clock() - started
+
     def step_done(self, local_images: int) -> None:
         self._images += local_images
 
     def window(self) -> dict[str, float]:
         """Rates over the time since the last window (or reset); resets. Empty if no time passed."""
         now = self._clock()
-        elapsed = now - self._window_start
+        elapsed = now - self._window_start - self._paused_s
         images, wait_s = self._images, self._wait_s
         if self._wait_started is not None:
             # A wait spanning the window boundary: its first part belongs to this window.

@@ -17,7 +17,7 @@ import torch
 from data.loader import ShardLoader
 from models.stable_diffusion import build_models
 from train import checkpoint as ckpt
-from train.config import TrainConfig, check_frozen_sources, check_shards_exist, loader_config, validate
+from train.config import TrainConfig, check_frozen_sources, check_shards_exist, loader_config, stage_seed, validate
 from train.distributed import DistEnv, barrier, init_distributed
 from train.ema import EMA
 from train.export import export_stage, load_stage_init
@@ -63,8 +63,8 @@ class Trainer:
         self.loader = ShardLoader(loader_config(cfg, pin_memory=env.device.type == "cuda"), env.rank,
                                   env.world_size)  # pinned: the step's copies to the GPU need not wait
         self._batches = None  # train()'s iteration of the loader, ended by stop_loader()
-        # Distinct diffusion noise per rank (and per stage), reproducible.
-        self.generator = torch.Generator(env.device).manual_seed(cfg.run.seed * 1_000_003 + env.rank + 1)
+        # Distinct diffusion noise per rank and per stage, reproducible.
+        self.generator = torch.Generator(env.device).manual_seed(stage_seed(cfg) * 1_000_003 + env.rank + 1)
         # The step counter is global across stages when a stage carries it; this stage ends `steps` later.
         self.state = ckpt.TrainState(step=init.step, extra={"stage_start": init.step})
         self.resumed_from = self._resume(checkpoint)
@@ -117,16 +117,28 @@ class Trainer:
             if self.env.is_main:
                 print(f"resumed from {latest} (written by {saved.world_size} ranks) at step {self.state.step}; {data}",
                       flush=True)
-            return latest
-        rank_state = saved.load(self.env.rank)
-        if self.ema is not None:
-            self.ema.load_state_dict(rank_state["ema"])
-        self.generator.set_state(rank_state["generator"])
-        self.loader.load_state_dict(rank_state["loader"])
-        ckpt.set_rng_state(rank_state["rng"])
-        if self.env.is_main:
-            print(f"resumed from {latest} at step {self.state.step}", flush=True)
+        else:
+            rank_state = saved.load(self.env.rank)
+            if self.ema is not None:
+                self.ema.load_state_dict(rank_state["ema"])
+            self.generator.set_state(rank_state["generator"])
+            self.loader.load_state_dict(rank_state["loader"])
+            ckpt.set_rng_state(rank_state["rng"])
+            if self.env.is_main:
+                print(f"resumed from {latest} at step {self.state.step}", flush=True)
+        self._apply_configured_settings()
         return latest
+
+    def _apply_configured_settings(self) -> None:
+        """A resume restores the saved optimiser hyper-parameters, LR and EMA decay with the state: the config
+        wins (lowering optim.lr and resuming after a loss spike must lower it), and rank 0 says what changed."""
+        changes = self.engine.apply_optim_config()
+        if self.ema is not None and self.ema.max_decay != self.cfg.ema.max_decay:
+            changes.append(f"ema.max_decay: {self.ema.max_decay} -> {self.cfg.ema.max_decay}")
+            self.ema.max_decay = self.cfg.ema.max_decay
+        if changes and self.env.is_main:
+            print(f"resume: the config replaces the checkpoint's {'; '.join(changes)} (saved -> configured)",
+                  flush=True)
 
     def _resume_resized(self, saved: ckpt.SavedRanks) -> str:
         """The rest of a resume on another world size (the engine's load resharded model and optimiser):
@@ -141,8 +153,8 @@ class Trainer:
             self.ema.load_state_dict({"num_updates": states[0]["ema"]["num_updates"],
                                       "max_decay": states[0]["ema"]["max_decay"],
                                       "shadow": self.engine.local_pieces(whole)})
-        self.generator.manual_seed(ckpt.resized_seed(self.cfg.run.seed, self.state.step, self.env.rank, "noise"))
-        ckpt.seed_everything(ckpt.resized_seed(self.cfg.run.seed, self.state.step, self.env.rank, "global"))
+        self.generator.manual_seed(ckpt.resized_seed(stage_seed(self.cfg), self.state.step, self.env.rank, "noise"))
+        ckpt.seed_everything(ckpt.resized_seed(stage_seed(self.cfg), self.state.step, self.env.rank, "global"))
         return self.loader.load_state_dicts([s["loader"] for s in states])
 
     def save(self) -> Path:
@@ -223,7 +235,8 @@ class Trainer:
         cfg, env, state = self.cfg, self.env, self.state
         total = state.extra["stage_start"] + cfg.stage.steps
         flag = PreemptionFlag()
-        meter = ThroughputMeter(env.world_size, self.flops_per_image, peak_tflops(env.device, cfg.parallel.precision),
+        peak = peak_tflops(env.device, cfg.parallel.precision, cfg.cluster.gpu_name)
+        meter = ThroughputMeter(env.world_size, self.flops_per_image, peak,
                                 encoder_flops_per_image=self.encoder_flops_per_image)
         progress = Progress(cfg.tracking, total, start_step=state.step, rank=env.rank)
         encode_autocast = self._encode_autocast()
@@ -254,9 +267,11 @@ class Trainer:
                 stop = self._apply(pending, meter, progress) or stop  # the state is complete before saving
                 pending = None
             if val_due:
-                self._validate()
+                with meter.paused():
+                    self._validate()
             if sample_due:
-                self._log_samples()
+                with meter.paused():
+                    self._log_samples()
             if stop == "abort":
                 self.save()
                 self._status("failed")
@@ -266,7 +281,8 @@ class Trainer:
                 exit_code = 1
                 break
             if stop == "preempt" or checkpoint_due:
-                path = self.save()
+                with meter.paused():
+                    path = self.save()
                 if state.step == cfg.fault.kill_after_checkpoint_at_step:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if stop == "preempt":

@@ -127,6 +127,34 @@ class Engine(ABC):
     def full_ema_state_dict(self, shadow: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """Consolidate EMA tensors shaped like `named_trainable()` into full tensors on rank 0."""
 
+    def apply_optim_config(self) -> list[str]:
+        """After a resume: the configured optimiser settings (optim.lr, beta1/beta2, eps, weight_decay) over
+        the ones the checkpoint brought back (an optimiser's state dict restores its groups' hyper-parameters,
+        the LR schedule's its base LRs), so that lowering the LR and resuming does what it says. The moments
+        and the schedule's step stay as saved. Returns what was replaced, "setting: saved -> configured"."""
+        o = self.cfg.optim
+        scheduler = self.scheduler
+        groups = scheduler.optimizer.param_groups  # the torch optimiser's (DeepSpeed's wrappers read these)
+        configured = {"optim.beta1/beta2": ("betas", (o.beta1, o.beta2)), "optim.eps": ("eps", o.eps),
+                      "optim.weight_decay": ("weight_decay", o.weight_decay)}
+        changes = {}
+        if list(scheduler.base_lrs) != [o.lr] * len(groups):
+            changes["optim.lr"] = f"{scheduler.base_lrs[0]} -> {o.lr}"
+        for group in groups:
+            for setting, (key, value) in configured.items():
+                saved = tuple(group[key]) if key == "betas" else group[key]
+                if saved != value:
+                    changes[setting] = f"{saved} -> {value}"
+                group[key] = value
+            group["initial_lr"] = o.lr
+        scheduler.base_lrs = [o.lr] * len(groups)
+        # The current LR: the configured one times the schedule's multiplier at the step it resumed at.
+        lrs = [o.lr * multiplier(scheduler.last_epoch) for multiplier in scheduler.lr_lambdas]
+        for group, lr in zip(groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
+        return [f"{setting}: {change}" for setting, change in changes.items()]
+
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 

@@ -69,6 +69,10 @@ def deepspeed_config(cfg, world_size: int, accumulation: int) -> dict:
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         # Explicit: DeepSpeed's default reduces in the parameters' dtype (bf16 under bf16), DDP and FSDP2 here in fp32.
         "communication_data_type": cfg.parallel.reduce_dtype,
+        # And it sums the micro-batches' gradients in that dtype too: under bf16 each of the accumulation
+        # steps would round the running sum to 8 bits, where DDP and FSDP2 sum in fp32. ZeRO-2 and 3 keep an
+        # fp32 accumulator then; ZeRO-1 switches to DeepSpeed's BF16_Optimizer (fp32 gradients, ZeRO-1 states).
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if precision == "bf16" else {}),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -121,6 +125,12 @@ class DeepSpeedEngine(Engine):
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
         norm = torch.as_tensor(0.0 if norm is None else float(norm), device=skip.device)
+        if not self.ds.was_step_applied():
+            # DeepSpeed found a non-finite gradient (of a finite loss) and dropped the update itself, without
+            # stepping the LR schedule: report the skip (the EMA and the non-finite counters read it) and
+            # keep the LR on the step count, as the torch engines do.
+            self.scheduler.step()
+            return norm, torch.ones((), device=skip.device)
         return norm, torch.zeros((), device=skip.device)
 
     def named_trainable(self):
