@@ -203,7 +203,8 @@ class ClusterConfig:
     setup: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     # The rest is read by the launcher only (`python -m launch`, see launch/README.md).
-    # Interpreter on the nodes, after `setup` ran; None = the one running the launcher (same venv, shared FS).
+    # Interpreter on the nodes, after `setup` ran. None: `python` from the job's PATH when `setup` (in a Slurm
+    # job) or `exec_prefix` makes the environment, else the one running the launcher (same venv, shared FS).
     python: Optional[str] = None
     # Rendezvous port on the first node; None = 20000 + job id % 20000 under Slurm, a free port locally.
     master_port: Optional[int] = None
