@@ -109,3 +109,44 @@ def test_deepspeed_sums_bf16_micro_batches_in_fp32(shards, zero_stage):
     code (BF16_Optimizer, an fp32 accumulator): both must give the fp32 sum."""
     error = in_fresh_process(_deepspeed_bf16_accumulation_error, shards, zero_stage, 2)
     assert error < 1e-6  # summed in bf16 instead: ~3e-3 (8 bits of mantissa)
+
+
+def _deepspeed_zero3_repeated_micro_batch_sum_is_exact(shards: str, repeats: int) -> float:
+    """The fraction of ZeRO-3's accumulated gradient entries that are exactly `repeats` times a bf16 number,
+    after `repeats` identical bf16 micro-batches. ZeRO-3's hooks add autograd nodes, so its bf16 backward sums
+    the UNet's skip-connection gradients in another order than a plain module (each tensor within bf16
+    rounding of the reference's, as far from the fp32 model's as the reference is), which rules out the
+    comparison the ZeRO-1/2 test makes. Identical micro-batches give the same bf16 gradient g each time;
+    summed in fp32, 3g is exact and divides back to g; summed in bf16, 2g + g rounds to 8 bits."""
+    import os
+
+    from deepspeed.utils import safe_get_full_grad
+
+    from conftest import reinit_zeroed_
+    from models import configs
+    from models.stable_diffusion import build_models
+    from train.distributed import DistEnv
+    from train.parallel import build_engine
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    cfg = compose_train_config(f"stage.data.shards='{shards}'", "backend=deepspeed", "parallel.precision=bf16",
+                               "parallel.channels_last=false", "parallel.zero_stage=3",
+                               "stage.micro_batch=1", f"stage.global_batch={repeats}")
+    assert validate(cfg, 1) == repeats
+    torch.manual_seed(0)
+    unet = reinit_zeroed_(build_models(configs.tiny()).unet)
+    g = torch.Generator().manual_seed(1)
+    x, t, c, target = (torch.randn(1, 4, 8, 8, generator=g), torch.randint(0, 1000, (1,), generator=g),
+                       torch.randn(1, 77, 32, generator=g), torch.randn(1, 4, 8, 8, generator=g))
+    with one_rank_group("deepspeed", always=True):
+        engine = build_engine(cfg, unet, DistEnv(0, 1, 0, torch.device("cpu")), repeats)
+        for i in range(repeats):
+            loss = torch.nn.functional.mse_loss(engine.module(x, t, c).float(), target)
+            engine.backward(loss, last_micro_batch=i == repeats - 1)
+        per_micro_batch = torch.cat([(safe_get_full_grad(p).float() / repeats).flatten() for p in unet.parameters()])
+    return torch.eq(per_micro_batch, per_micro_batch.bfloat16().float()).double().mean().item()
+
+
+def test_deepspeed_zero3_sums_bf16_micro_batches_in_fp32(shards):
+    exact = in_fresh_process(_deepspeed_zero3_repeated_micro_batch_sum_is_exact, shards, 3)
+    assert exact == 1.0  # summed in bf16 (grad_accum_dtype bf16): 0.54 of the entries
