@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,13 +28,29 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .inputs import expand_inputs
-from .stages import SubsetFilter
+from .stages import RULE_COLUMNS, SubsetFilter, alias_in
 
 REPORT_NAME = "filter_report.json"
 COUNTING_NOTE = ("a row failing several rules is counted under each rule it fails in removed_by_rule (these can sum "
                  "to more than rows_removed); removed_only_by_rule counts rows that rule alone removed; rows_removed "
                  "counts each removed row once")
 NULL_NOTE = "a null or NaN value fails the rule that reads it (e.g. a row without an aesthetic score fails min_aesthetic)"
+
+
+def resolve_columns(rules: SubsetFilter, names: Sequence[str]) -> tuple[SubsetFilter, dict[str, str]]:
+    """`rules` reading, for each column it reads that `names` lacks, the other name of that column that
+    `names` has (data.stages.COLUMN_ALIASES: the aesthetics subsets' `AESTHETIC_SCORE`), and
+    {configured: read} for each column so renamed. A column under none of its names is left to
+    rule_masks to refuse."""
+    renamed = {}
+    for column in rules.required_columns():
+        if column not in names and (other := alias_in(column, names)) is not None:
+            renamed[column] = other
+    if not renamed:
+        return rules, {}
+    names_by_field = {f: renamed[getattr(rules.columns, f)] for f in set(RULE_COLUMNS.values())
+                      if getattr(rules.columns, f) in renamed}
+    return rules.with_columns(replace(rules.columns, **names_by_field)), renamed
 
 
 def rule_masks(batch: pa.RecordBatch | pa.Table, rules: SubsetFilter) -> dict[str, tuple[pa.Array, int]]:
@@ -44,7 +60,7 @@ def rule_masks(batch: pa.RecordBatch | pa.Table, rules: SubsetFilter) -> dict[st
         name = rules.column(rule)
         if name not in batch.schema.names:
             raise KeyError(f"no column {name!r} for rule {rule} (columns: {batch.schema.names}); set the matching "
-                           "MetadataColumns field (e.g. --aesthetic-col AESTHETIC_SCORE)")
+                           "MetadataColumns field (e.g. --width-col original_width)")
         col = batch.column(name)
         bound = getattr(rules, rule)
         if rule == "languages":
@@ -209,16 +225,16 @@ def filter_parquet(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_
     baseline = pa.total_allocated_bytes()
     start = time.monotonic()
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    read_cols = None
-    if columns is not None:
-        read_cols = list(dict.fromkeys([*columns, *rules.required_columns()]))
     with tqdm(total=total, unit="row", unit_scale=True, desc="filter", disable=not progress) as bar:
         for path in files:
             # pre_buffer (pyarrow's default) caches the byte ranges of every row group iter_batches will
             # visit, i.e. the whole file: memory would grow with the file. A buffered stream instead.
             parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=read_buffer_bytes)
             schema = parquet.schema_arrow
-            if read_cols is not None:
+            file_rules, renamed = resolve_columns(rules, schema.names)
+            read_cols = None
+            if columns is not None:
+                read_cols = list(dict.fromkeys([*columns, *file_rules.required_columns()]))
                 missing = [c for c in read_cols if c not in schema.names]
                 if missing:
                     raise KeyError(f"{path}: no columns {missing} (it has {schema.names})")
@@ -227,7 +243,7 @@ def filter_parquet(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_
             writer.start_input(out_schema)
             rows_in = rows_out = 0
             for batch in parquet.iter_batches(batch_size=batch_size, columns=read_cols):
-                kept = _filter_batch(batch, rules, active, report)
+                kept = _filter_batch(batch, file_rules, active, report)
                 if columns is not None:
                     kept = kept.select(list(columns))
                 writer.write(kept)
@@ -235,7 +251,8 @@ def filter_parquet(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_
                 rows_out += kept.num_rows
                 report.peak_arrow_bytes = max(report.peak_arrow_bytes, pa.total_allocated_bytes() - baseline)
                 bar.update(batch.num_rows)
-            report.inputs.append({"path": str(path), "rows": rows_in, "kept": rows_out})
+            report.inputs.append({"path": str(path), "rows": rows_in, "kept": rows_out,
+                                  **({"columns_read": renamed} if renamed else {})})
             report.rows_in += rows_in
             report.rows_out += rows_out
         writer.close_file()

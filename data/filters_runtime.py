@@ -7,9 +7,9 @@ stops (a misnamed column would silently empty the dataset), the loader counts th
 of a shard has is a setting, not bad data: `ColumnCheck` makes the loader stop at the end of that
 shard, naming the column and the keys the json does have.
 
-A column may go by another name than the filter's (JSON_ALIASES): img2dataset keeps the parquet's
-names for the columns it saves, and LAION's aesthetics subsets name their score `aesthetic` or
-`AESTHETIC_SCORE` (data/stages.py, MetadataColumns).
+A column may go by another name than the filter's (data/stages.py, COLUMN_ALIASES): img2dataset keeps
+the parquet's names for the columns it saves, and LAION's aesthetics subsets name their score
+`aesthetic` or `AESTHETIC_SCORE`.
 """
 from __future__ import annotations
 
@@ -17,14 +17,9 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
-from data.stages import MetadataColumns, SubsetFilter, get_stage
+from data.stages import COLUMN_ALIASES, MetadataColumns, SubsetFilter, get_stage
 
 MISSING_METADATA = "missing_metadata"
-
-# Names that stand for the same value: a sample's json that lacks the filter's column but has one of the
-# others is read under that one.
-JSON_ALIASES: tuple[tuple[str, ...], ...] = (("aesthetic", "AESTHETIC_SCORE"),)
-
 
 class MissingColumns(ValueError):
     """No sample of a shard has a column the filters read: a setting (or shards downloaded without the
@@ -38,9 +33,9 @@ def stage_filter(name: str) -> SubsetFilter:
 
 @lru_cache(maxsize=16)
 def _alternatives(rules: SubsetFilter) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """(column the rules read, its other names) for the columns that have any."""
+    """(column the rules read, its other names) for the columns that have any (per sample: cached)."""
     return tuple((column, tuple(a for a in group if a != column))
-                 for column in rules.required_columns() for group in JSON_ALIASES if column in group)
+                 for column in rules.required_columns() for group in COLUMN_ALIASES if column in group)
 
 
 def with_aliases(rules: SubsetFilter, meta: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -31,7 +31,7 @@ from typing import Any
 class MetadataColumns:
     """Column names of the metadata. The defaults are laion2B-en's parquet; the aesthetics subsets
     name their score `aesthetic` (laion-aesthetics v2 5+) or `AESTHETIC_SCORE` (6+ and some mirrors); the
-    loader's per-sample filter reads either (data/filters_runtime.py, JSON_ALIASES)."""
+    metadata filter and the loader's per-sample filter read either (COLUMN_ALIASES)."""
 
     url: str = "URL"
     caption: str = "TEXT"
@@ -57,6 +57,19 @@ class MetadataColumns:
         original_height (metadata WIDTH/HEIGHT are only there if saved, and are sometimes wrong)."""
         return replace(cls(url="url", caption="caption", width="original_width", height="original_height"),
                        **overrides)
+
+
+# Names that stand for the same value: metadata (a parquet file, a sample's json) that lacks the filter's
+# column but has one of the others is read under that one.
+COLUMN_ALIASES: tuple[tuple[str, ...], ...] = (("aesthetic", "AESTHETIC_SCORE"),)
+
+
+def alias_in(column: str, present) -> str | None:
+    """The other name of `column` that `present` (names, or a mapping) has, if any."""
+    for group in COLUMN_ALIASES:
+        if column in group:
+            return next((name for name in group if name != column and name in present), None)
+    return None
 
 
 # Rule name -> the MetadataColumns field it reads. The names are the SubsetFilter field names, so a

@@ -165,11 +165,28 @@ def test_memory_does_not_grow_with_rows(tmp_path):
     assert large < large_bytes / 4, peaks
 
 
+def test_the_aesthetic_score_is_read_under_either_name_the_subsets_use(tmp_path):
+    """laion-aesthetics v2 5+ calls it `aesthetic`, the 6+ subsets and some mirrors `AESTHETIC_SCORE`; the
+    loader reads either (test_data_loader), and so does the metadata filter, per file, saying which it read."""
+    pq.write_table(pa.table({"URL": ["u", "v", "w"], "AESTHETIC_SCORE": [6.0, 4.0, 5.5]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"URL": ["x", "y"], "aesthetic": [5.0, 7.0]}), tmp_path / "b.parquet")
+    report = filter_parquet([tmp_path / "a.parquet", tmp_path / "b.parquet"], tmp_path / "out",
+                            SubsetFilter(min_aesthetic=5.0), progress=False)
+    assert [(i["rows"], i["kept"], i.get("columns_read")) for i in report.inputs] == [
+        (3, 2, {"aesthetic": "AESTHETIC_SCORE"}), (2, 1, None)]
+    kept = pa.concat_tables([pq.read_table(f["path"]) for f in report.outputs], promote_options="permissive")
+    assert sorted(kept.column("URL").to_pylist()) == ["u", "w", "y"]
+    # Selected output columns read the score under the file's name too.
+    report = filter_parquet(tmp_path / "a.parquet", tmp_path / "out2", SubsetFilter(min_aesthetic=5.0),
+                            columns=["URL"], progress=False)
+    assert report.rows_out == 2
+
+
 def test_missing_column_and_bad_types_say_what_to_change(tmp_path):
-    pq.write_table(pa.table({"URL": ["u"], "TEXT": ["a caption"], "AESTHETIC_SCORE": [6.0]}), tmp_path / "a.parquet")
-    with pytest.raises(KeyError, match="aesthetic-col"):
+    pq.write_table(pa.table({"URL": ["u"], "TEXT": ["a caption"], "score": [6.0]}), tmp_path / "a.parquet")
+    with pytest.raises(KeyError, match="no column 'aesthetic' for rule min_aesthetic.*--width-col"):
         filter_parquet(tmp_path / "a.parquet", tmp_path / "out", SubsetFilter(min_aesthetic=5.0), progress=False)
-    renamed = SubsetFilter(min_aesthetic=5.0, columns=MetadataColumns(aesthetic="AESTHETIC_SCORE"))
+    renamed = SubsetFilter(min_aesthetic=5.0, columns=MetadataColumns(aesthetic="score"))
     assert filter_parquet(tmp_path / "a.parquet", tmp_path / "out2", renamed, progress=False).rows_out == 1
     with pytest.raises(KeyError, match="SubsetFilter.columns"):
         SubsetFilter(min_aesthetic=5.0).failed_rules({"URL": "u"})
