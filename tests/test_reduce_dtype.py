@@ -9,6 +9,7 @@ import torch
 
 from data.synth import write_synthetic_shards
 from train.config import ConfigError, validate
+from train.parallel.base import DTYPES
 from train.parallel.deepspeed_engine import deepspeed_config
 from train_helpers import compose_train_config, in_fresh_process, in_process_trainer, one_rank_group
 
@@ -111,13 +112,14 @@ def test_deepspeed_sums_bf16_micro_batches_in_fp32(shards, zero_stage):
     assert error < 1e-6  # summed in bf16 instead: ~3e-3 (8 bits of mantissa)
 
 
-def _deepspeed_zero3_repeated_micro_batch_sum_is_exact(shards: str, repeats: int) -> float:
-    """The fraction of ZeRO-3's accumulated gradient entries that are exactly `repeats` times a bf16 number,
-    after `repeats` identical bf16 micro-batches. ZeRO-3's hooks add autograd nodes, so its bf16 backward sums
-    the UNet's skip-connection gradients in another order than a plain module (each tensor within bf16
-    rounding of the reference's, as far from the fp32 model's as the reference is), which rules out the
-    comparison the ZeRO-1/2 test makes. Identical micro-batches give the same bf16 gradient g each time;
-    summed in fp32, 3g is exact and divides back to g; summed in bf16, 2g + g rounds to 8 bits."""
+def _deepspeed_repeated_micro_batch_sum_is_exact(shards: str, zero_stage: int, precision: str, repeats: int) -> float:
+    """The fraction of DeepSpeed's accumulated gradient entries that are exactly `repeats` times a number of
+    the precision, after `repeats` identical micro-batches. ZeRO-3's hooks add autograd nodes, so its bf16
+    backward sums the UNet's skip-connection gradients in another order than a plain module (each tensor
+    within bf16 rounding of the reference's, as far from the fp32 model's as the reference is), which rules
+    out the comparison the ZeRO-1/2 test makes; fp16's loss scale rules it out too. Identical micro-batches
+    give the same low-precision gradient g each time; summed in fp32, 3g is exact and divides back to g;
+    summed in bf16 or fp16, 2g + g rounds to the format's mantissa."""
     import os
 
     from deepspeed.utils import safe_get_full_grad
@@ -129,8 +131,8 @@ def _deepspeed_zero3_repeated_micro_batch_sum_is_exact(shards: str, repeats: int
     from train.parallel import build_engine
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    cfg = compose_train_config(f"stage.data.shards='{shards}'", "backend=deepspeed", "parallel.precision=bf16",
-                               "parallel.channels_last=false", "parallel.zero_stage=3",
+    cfg = compose_train_config(f"stage.data.shards='{shards}'", "backend=deepspeed", f"parallel.precision={precision}",
+                               "parallel.channels_last=false", f"parallel.zero_stage={zero_stage}",
                                "stage.micro_batch=1", f"stage.global_batch={repeats}")
     assert validate(cfg, 1) == repeats
     torch.manual_seed(0)
@@ -144,9 +146,11 @@ def _deepspeed_zero3_repeated_micro_batch_sum_is_exact(shards: str, repeats: int
             loss = torch.nn.functional.mse_loss(engine.module(x, t, c).float(), target)
             engine.backward(loss, last_micro_batch=i == repeats - 1)
         per_micro_batch = torch.cat([(safe_get_full_grad(p).float() / repeats).flatten() for p in unet.parameters()])
-    return torch.eq(per_micro_batch, per_micro_batch.bfloat16().float()).double().mean().item()
+    dtype = DTYPES[precision]
+    return torch.eq(per_micro_batch, per_micro_batch.to(dtype).float()).double().mean().item()
 
 
-def test_deepspeed_zero3_sums_bf16_micro_batches_in_fp32(shards):
-    exact = in_fresh_process(_deepspeed_zero3_repeated_micro_batch_sum_is_exact, shards, 3)
-    assert exact == 1.0  # summed in bf16 (grad_accum_dtype bf16): 0.54 of the entries
+@pytest.mark.parametrize("zero_stage,precision", [(3, "bf16"), (1, "fp16"), (2, "fp16"), (3, "fp16")])
+def test_deepspeed_sums_low_precision_micro_batches_in_fp32(shards, zero_stage, precision):
+    exact = in_fresh_process(_deepspeed_repeated_micro_batch_sum_is_exact, shards, zero_stage, precision, 3)
+    assert exact == 1.0  # summed in bf16/fp16 (grad_accum_dtype unset, DeepSpeed's default): 0.53 of the entries

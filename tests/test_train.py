@@ -428,3 +428,19 @@ def test_a_resume_takes_the_configured_lr_and_optimiser_settings(tmp_path, two_s
     assert out == {"step": 2, "lr": pytest.approx(2e-5 * warmup_multiplier(2, 100, 1e-6), rel=1e-12),
                    "initial_lr": 2e-5, "base_lrs": [2e-5], "weight_decay": 0.0, "betas": (0.8, 0.99), "eps": 1e-6,
                    "ema_max_decay": 0.99}
+
+
+def test_deepspeed_fp16_trains_and_resumes_exactly(tmp_path, shards):
+    """DeepSpeed's fp16 (its own dynamic loss scale, micro-batch gradients summed in fp32): a kill -9 +
+    resume ends bitwise equal to a straight run."""
+    def fp16(run_dir, *extra):
+        return [shards, f"run.dir={run_dir}", "backend=deepspeed", "parallel.precision=fp16", *extra]
+
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run_train(tmp_path, fp16(straight))
+    run_train(tmp_path, fp16(broken, "fault.kill_after_checkpoint_at_step=3"), expect=None)
+    assert (broken / "checkpoints" / "latest").read_text() == "step-3"
+    run_train(tmp_path, fp16(broken))
+    a, b = exported_unet(straight), exported_unet(broken)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed fp16 weights differ from the uninterrupted run"
+    assert status(straight)["loss"] == status(broken)["loss"]

@@ -69,10 +69,11 @@ def deepspeed_config(cfg, world_size: int, accumulation: int) -> dict:
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         # Explicit: DeepSpeed's default reduces in the parameters' dtype (bf16 under bf16), DDP and FSDP2 here in fp32.
         "communication_data_type": cfg.parallel.reduce_dtype,
-        # And it sums the micro-batches' gradients in that dtype too: under bf16 each of the accumulation
-        # steps would round the running sum to 8 bits, where DDP and FSDP2 sum in fp32. ZeRO-2 and 3 keep an
-        # fp32 accumulator then; ZeRO-1 switches to DeepSpeed's BF16_Optimizer (fp32 gradients, ZeRO-1 states).
-        **({"data_types": {"grad_accum_dtype": "fp32"}} if precision == "bf16" else {}),
+        # And it sums the micro-batches' gradients in that dtype too: under bf16 (fp16) each of the accumulation
+        # steps would round the running sum to 8 (11) bits, where DDP and FSDP2 sum in fp32. ZeRO-2 and 3, and
+        # ZeRO-1 under fp16, keep an fp32 accumulator then; ZeRO-1 under bf16 switches to DeepSpeed's
+        # BF16_Optimizer (fp32 gradients, ZeRO-1 states).
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if precision in ("bf16", "fp16") else {}),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
