@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from tools.plan_encoders import (VaeEncoderCost, text_encode_flops_per_caption, vae_encode_flops_per_image,
@@ -162,12 +163,17 @@ class ResolutionTotal:
 @dataclass(frozen=True)
 class BudgetCheck:
     budget_gpu_hours: float
-    required_mfu: float  # the same MFU at every resolution spends exactly the budget
-    required_img_per_s: dict[int, float]  # resolution -> img/s per GPU at that MFU
+    # The same MFU at every resolution spends exactly the budget, each step max(compute, network) long as
+    # in the plan; None where the network alone takes the budget (no MFU reaches it).
+    required_mfu: float | None
+    required_img_per_s: dict[int, float]  # resolution -> img/s per GPU at that MFU ({} where None)
     wall_hours_at_budget: float
     plan_gpu_hours: float | None
     meets_budget: bool | None
-    plan_to_budget: float | None  # plan hours / budget; above 1, the uniform speed-up that would meet it
+    plan_to_budget: float | None  # plan hours / budget
+    # The factor on every stage's img/s that makes the plan spend exactly the budget (the network's
+    # share does not speed up); None without a throughput, or where the network alone takes the budget.
+    speedup_to_budget: float | None = None
 
 
 @dataclass(frozen=True)
@@ -281,21 +287,52 @@ def stage_cost(stage: Stage, flops_per_image: float, img_per_s: float | None, hw
                      img_per_s_effective=effective)
 
 
+def _gpu_hours_at(costs: Sequence[StageCost], hw: Hardware, compute_s: Callable[[StageCost], float]) -> float:
+    """The plan's GPU-hours with each stage's compute per step given, the steps max(compute, network)
+    long as in stage_cost."""
+    return sum(c.steps * max(compute_s(c), hw.network_s) for c in costs) * hw.world_size / 3600.0
+
+
+def _solve_decreasing(f: Callable[[float], float], target: float) -> float:
+    """x > 0 with f(x) = target, for f decreasing towards a floor below target (bisection in log x)."""
+    lo, hi = 1e-12, 1.0
+    while f(hi) > target:
+        lo, hi = hi, hi * 2.0
+    for _ in range(200):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if f(mid) > target else (lo, mid)
+    return hi
+
+
 def budget_check(costs: Sequence[StageCost], budget_gpu_hours: float, hw: Hardware) -> BudgetCheck:
     """The throughput that spends exactly the budget. Holding MFU equal across resolutions is the one
-    assumption that turns one number (GPU-hours) into a throughput per resolution: the required MFU is
-    total FLOPs / (budget seconds x peak), and each resolution's img/s follows from its FLOPs per image."""
+    assumption that turns one number (GPU-hours) into a throughput per resolution. Without a network
+    floor the required MFU is total FLOPs / (budget seconds x peak); with one, the steps that wait for
+    the network cost the same at any MFU, so the MFU is solved for with each step max(compute,
+    network) long, the rule the plan's own hours follow (an inverse that ignored it was not one)."""
     if not budget_gpu_hours > 0:
         raise PlanError(f"--budget-gpu-hours {budget_gpu_hours}: must be positive")
-    total_flops = sum(c.flops for c in costs)
-    required_mfu = total_flops / (budget_gpu_hours * 3600.0 * hw.peak_flops)
-    required = {c.resolution: required_mfu * hw.peak_flops / c.flops_per_image for c in costs}
+    floor = _gpu_hours_at(costs, hw, lambda c: 0.0)
+
+    def per_gpu(c: StageCost) -> float:
+        return c.global_batch / hw.world_size
+
+    required_mfu, required, speedup = None, {}, None
+    if floor < budget_gpu_hours:
+        required_mfu = _solve_decreasing(
+            lambda m: _gpu_hours_at(costs, hw, lambda c: per_gpu(c) * c.flops_per_image / (m * hw.peak_flops)),
+            budget_gpu_hours)
+        required = {c.resolution: required_mfu * hw.peak_flops / c.flops_per_image for c in costs}
     plan_hours = _total(c.gpu_hours for c in costs)
+    if plan_hours is not None and floor < budget_gpu_hours:
+        speedup = _solve_decreasing(
+            lambda k: _gpu_hours_at(costs, hw, lambda c: per_gpu(c) / (c.img_per_s_per_gpu * k)), budget_gpu_hours)
     return BudgetCheck(
         budget_gpu_hours=budget_gpu_hours, required_mfu=required_mfu, required_img_per_s=required,
         wall_hours_at_budget=budget_gpu_hours / hw.world_size, plan_gpu_hours=plan_hours,
         meets_budget=None if plan_hours is None else plan_hours <= budget_gpu_hours,
-        plan_to_budget=None if plan_hours is None else plan_hours / budget_gpu_hours)
+        plan_to_budget=None if plan_hours is None else plan_hours / budget_gpu_hours,
+        speedup_to_budget=speedup)
 
 
 def plan_cost(stages: Sequence[Stage], hw: Hardware, img_per_s: dict[int, float] | None,
@@ -470,13 +507,16 @@ def _format_budget(b: BudgetCheck, hw: Hardware, network_floor: float = 0.0) -> 
     elif b.meets_budget:
         verdict = f": MET (plan {_hours(b.plan_gpu_hours)} GPU-hours, {100 * b.plan_to_budget:.0f}% of the budget)"
     else:
-        verdict = (f": NOT MET (plan {_hours(b.plan_gpu_hours)} GPU-hours, needs a {b.plan_to_budget:.2f}x "
-                   "speed-up)")
-    needed = ", ".join(f"{res}: {v:.1f}" for res, v in sorted(b.required_img_per_s.items()))
-    lines = [head + verdict,
-             "  to spend exactly the budget, at the same MFU at every resolution:",
-             f"  MFU {100 * b.required_mfu:.1f}%; img/s per GPU {needed}; wall clock {_hours(b.wall_hours_at_budget)} h "
-             f"on {hw.world_size} GPUs"]
+        need = ("no speed-up of the compute reaches it" if b.speedup_to_budget is None
+                else f"needs a {b.speedup_to_budget:.2f}x speed-up")
+        verdict = f": NOT MET (plan {_hours(b.plan_gpu_hours)} GPU-hours, {need})"
+    lines = [head + verdict]
+    if b.required_mfu is not None:
+        needed = ", ".join(f"{res}: {v:.1f}" for res, v in sorted(b.required_img_per_s.items()))
+        lines += ["  to spend exactly the budget, at the same MFU at every resolution"
+                  + (" (the steps that wait for the network included):" if network_floor else ":"),
+                  f"  MFU {100 * b.required_mfu:.1f}%; img/s per GPU {needed}; wall clock "
+                  f"{_hours(b.wall_hours_at_budget)} h on {hw.world_size} GPUs"]
     if network_floor:
         lines.append(f"  the collectives alone take {_hours(network_floor)} GPU-hours on this cluster"
                      + (": OUT OF REACH at any MFU here; use fewer GPUs (more images per GPU per step), "
