@@ -250,10 +250,19 @@ def test_a_stage_over_an_earlier_stages_shards_draws_its_own_order(tmp_path):
 def test_continuing_the_warmup_needs_the_carried_step():
     """restart_warmup=false continues the schedule from the step the stage carries; with init.step=false
     there is none, and the warmup restarted from zero while the config said it would not."""
-    cfg = _compose("stage=v1-1_512", "cluster=reference_32x8", "stage.init.step=false")
+    cfg = _compose("stage=v1-1_512", "cluster=reference_32x8", "stage.init.step=false",
+                   "stage.init.restart_warmup=false")
     with pytest.raises(ConfigError, match="stage.init.restart_warmup=false .* set stage.init.step=true"):
         validate(cfg, 256)
-    validate(_compose("stage=v1-1_512", "cluster=reference_32x8"), 256)  # as shipped: step carried
+    validate(_compose("stage=v1-1_512", "cluster=reference_32x8", "stage.init.restart_warmup=false"), 256)
+
+
+def test_stages_after_the_first_warm_their_fresh_optimiser_up_again():
+    """An export carries weights, EMA and the step, not AdamW's moments: the later stages' fresh optimiser
+    warms up over 10k steps again (CompVis' init-from-checkpoint runs did), not at the full rate at once."""
+    for stage in ("v1-1_512", "v1-2", "v1-3"):
+        init = _compose(f"stage={stage}", "cluster=reference_32x8").stage.init
+        assert (init.optimizer, init.step, init.restart_warmup) == (False, True, True), stage
 
 
 def test_a_carried_ema_keeps_its_update_count_without_the_step(tmp_path):

@@ -84,9 +84,10 @@ def load_stage_init(cfg, sd_cfg, models) -> StageInit:
     if init.from_checkpoint is None:
         return StageInit()
     if init.optimizer:
-        raise ConfigError("stage.init.optimizer=true: carrying AdamW moments across stages is not supported; SD v1's "
-                          "later stages start a fresh optimiser. Set it to false (the v1-1 256->512 change of "
-                          "resolution is a new stage too)")
+        raise ConfigError("stage.init.optimizer=true: carrying AdamW moments across stages is not supported (an "
+                          "export holds weights and EMA, not the optimiser); set it to false, and keep "
+                          "stage.init.restart_warmup=true so the fresh optimiser warms up (the v1-1 256->512 change "
+                          "of resolution is a new stage too)")
     src = load_ldm_checkpoint(_checkpoint_file(init.from_checkpoint, "stage.init.from_checkpoint"), sd_cfg)
     # The frozen parts always come along: a stage must see the latents its predecessor was trained on.
     load_strict(models.vae, src.vae.state_dict(), "VAE")
