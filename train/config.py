@@ -88,7 +88,8 @@ class EMAConfig:
     enabled: bool = True
     max_decay: float = 0.9999
     # "step": once per optimiser step; "micro_batch": once per micro-batch, as the original's Lightning
-    # on_train_batch_end hook did (twice per step with accumulation 2).
+    # on_train_batch_end hook did (twice per step with accumulation 2). The original's cadence needs its
+    # accumulation too: on 32x8 with the shipped micro_batch 8 there is none (add stage.micro_batch=4).
     update_every: str = "step"
 
 

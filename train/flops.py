@@ -1,8 +1,8 @@
 """FLOPs per image and GPU peaks, for TFLOP/s and MFU reported by the trainer and the benchmarks.
 
 FLOPs are counted, not estimated: torch's FlopCounterMode on one forward of the model on the meta
-device (no memory, no compute), times 3 for forward + backward. SD v1 UNet: 537 GFLOP per image at
-256 px (32x32 latents), 2,407 at 512 px (64x64). The frozen encoders run forward only: the VAE encoder
+device (no memory, no compute), times 3 for forward + backward. SD v1 UNet: 540.3 GFLOP per image at
+256 px (32x32 latents), 2,409.8 at 512 px (64x64) (issue #7 quotes 537 / 2,407; bench/RESULTS.md). The frozen encoders run forward only: the VAE encoder
 273 / 1,117 GFLOP per image at 256 / 512 px, the CLIP text encoder 13 per caption.
 """
 from __future__ import annotations
