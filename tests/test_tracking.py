@@ -368,3 +368,30 @@ def test_throughput_meter_leaves_out_paused_work() -> None:
     clock.t += 0.5
     meter.step_done(8)
     assert meter.window()["throughput/img_per_s_per_gpu"] == pytest.approx(16.0)
+
+
+def test_throughput_windows_end_when_their_steps_did_not_when_they_are_read() -> None:
+    """The trainer reads a step's results one step late, and at a checkpoint or validation step it reads
+    two back to back. On the CPU it passes each step's end time: a window of 1 s steps is 1 s long whatever
+    the reading order (read at its reading time, windows of 2 s and ~0 s gave 888 and 2,594 img/s around
+    every checkpoint where 3 was right). A wait for the next step's data that falls after the window's end
+    belongs to the next window."""
+    clock = FakeClock()
+    meter = ThroughputMeter(world_size=1, flops_per_image=1e9, peak_tflops=None, clock=clock)
+    done, pending, windows = {}, None, []
+    for step in range(6):  # as the trainer's loop: logging every step, a checkpoint every third
+        with meter.waiting_for_data():
+            clock.t += 0.25
+        clock.t += 0.75
+        done[step] = meter.now()
+        reads = ([pending] if pending is not None else []) + ([step] if step % 3 == 2 else [])
+        pending = None if step % 3 == 2 else step
+        for r in reads:
+            meter.step_done(4)
+            windows.append(meter.window(at=done[r]))
+        if step % 3 == 2:
+            with meter.paused():  # the checkpoint save
+                clock.t += 3.0
+    assert len(windows) == 6
+    assert [w["throughput/img_per_s"] for w in windows] == pytest.approx([4.0] * 6)
+    assert [w["throughput/data_wait_frac"] for w in windows] == pytest.approx([0.25] * 6)

@@ -1,8 +1,9 @@
 """Throughput per log window: images/s, TFLOP/s, MFU and the share of time spent waiting for data.
 
-The meter only reads a host clock; it never touches the device. On CUDA the numbers are only right if
-the caller synchronizes before `window()` (the trainer does, on log steps only), otherwise the window
-would end while kernels are still queued.
+The meter only reads a host clock; it never touches the device. A window must end when its last step
+has finished: on CUDA the caller reads that step's results first (which waits for it); on the CPU,
+where a step has finished when its call returns, the caller notes that time and passes it
+(`window(at=...)`), since the trainer reads a step's results one step late.
 """
 from __future__ import annotations
 
@@ -59,15 +60,15 @@ class ThroughputMeter:
 
     def reset(self) -> None:
         """Start a fresh window now (e.g. at the first step, so start-up time is not counted)."""
-        self._start_window(self._clock())
-
-    def _start_window(self, now: float) -> None:
-        self._window_start = now
+        self._window_start = self._clock()
         self._images = 0
-        self._wait_s = 0.0
-        self._paused_s = 0.0
-        if self._wait_started is not None:
-            self._wait_started = now
+        # (start, end) of the data waits and the pauses: a window that closes at a time before now (a step
+        # that ended earlier, see window()) takes only their parts before it.
+        self._waits: list[tuple[float, float]] = []
+        self._pauses: list[tuple[float, float]] = []
+
+    def now(self) -> float:
+        return self._clock()
 
     def data_wait_start(self) -> None:
         self._wait_started = self._clock()
@@ -75,7 +76,7 @@ class ThroughputMeter:
     def data_wait_end(self) -> None:
         if self._wait_started is None:
             raise RuntimeError("data_wait_end() without data_wait_start()")
-        self._wait_s += self._clock() - self._wait_started
+        self._waits.append((self._wait_started, self._clock()))
         self._wait_started = None
 
     @contextlib.contextmanager
@@ -94,20 +95,23 @@ class ThroughputMeter:
         try:
             yield
         finally:
-            self._paused_s += self._clock() - started
+            self._pauses.append((started, self._clock()))
 
     def step_done(self, local_images: int) -> None:
         self._images += local_images
 
-    def window(self) -> dict[str, float]:
-        """Rates over the time since the last window (or reset); resets. Empty if no time passed."""
-        now = self._clock()
-        elapsed = now - self._window_start - self._paused_s
-        images, wait_s = self._images, self._wait_s
-        if self._wait_started is not None:
+    def window(self, at: float | None = None) -> dict[str, float]:
+        """Rates over the time since the last window (or reset) up to `at` (default now: the clock's time
+        when the caller knows the window's last step has finished); resets. Empty if no time passed."""
+        now = self._clock() if at is None else at
+        start = self._window_start
+        elapsed = now - start - _overlap(self._pauses, start, now)
+        images, wait_s = self._images, _overlap(self._waits, start, now)
+        if self._wait_started is not None and self._wait_started < now:
             # A wait spanning the window boundary: its first part belongs to this window.
-            wait_s += now - self._wait_started
-        self._start_window(now)
+            wait_s += now - max(self._wait_started, start)
+        self._window_start, self._images = now, 0
+        self._waits, self._pauses = _after(self._waits, now), _after(self._pauses, now)
         if elapsed <= 0:
             return {}
         per_gpu = images / elapsed
@@ -126,3 +130,12 @@ class ThroughputMeter:
                 if self.peak_tflops:
                     out[f"throughput/mfu{suffix}"] = tflops / self.peak_tflops
         return out
+
+
+def _overlap(intervals: list[tuple[float, float]], start: float, end: float) -> float:
+    return sum(max(0.0, min(b, end) - max(a, start)) for a, b in intervals)
+
+
+def _after(intervals: list[tuple[float, float]], t: float) -> list[tuple[float, float]]:
+    """The parts of `intervals` after t."""
+    return [(max(a, t), b) for a, b in intervals if b > t]

@@ -42,6 +42,9 @@ class PendingStep:
     index: int  # the step's number (0-based: the global step before it ran)
     read: DeferredRead
     lr: float  # the LR the step used (host-side already)
+    # The meter's clock when the step had finished, where the host knows it without a read (the CPU runs
+    # a step synchronously); None: the read's return says it (CUDA).
+    done_at: float | None = None
 
 
 @dataclass

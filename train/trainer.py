@@ -213,7 +213,7 @@ class Trainer:
             print(f"step {pending.index}: non-finite loss or gradient, update skipped "
                   f"({state.nonfinite_in_a_row} in a row)", flush=True)
         if "loss" in values:
-            self._log(pending.index + 1, values, pending.lr, meter, progress)
+            self._log(pending.index + 1, values, pending.lr, meter, progress, pending.done_at)
         if state.nonfinite_in_a_row >= self.cfg.checkpoint.max_nonfinite_in_a_row:
             return "abort"
         return "preempt" if values["preempted"] else None
@@ -256,6 +256,8 @@ class Trainer:
             progress.step(state.step)
             window_closes = state.step % cfg.tracking.log_every == 0 or state.step == total
             record = counters.record(index, outcome, lr, window_closes, env.world_size)
+            if env.device.type == "cpu":
+                record.done_at = meter.now()  # read a step late, it would end the window a step late
             # The previous step has finished on the device by now (this one is queued behind it): reading
             # it costs no wait. Its verdict acts here, one step late, on every rank alike.
             stop = self._apply(pending, meter, progress) if pending else None
@@ -312,15 +314,16 @@ class Trainer:
         self.tracker.finish(exit_code)
         return exit_code
 
-    def _log(self, step: int, values: dict, lr: float, meter, progress) -> None:
+    def _log(self, step: int, values: dict, lr: float, meter, progress, done_at: float | None = None) -> None:
         """One log window, from values the device finished a step ago (no wait; the meter's clock then
-        ends the window when its last step has finished, which is what makes img/s right on CUDA)."""
+        ends the window when its last step has finished, which is what makes img/s right on CUDA; on the
+        CPU `done_at` is that time)."""
         state = self.state
         if values["window_count"] > 0:  # a window of skipped steps only keeps the last loss
             state.last_loss = values["loss"]
         metrics = {"train/loss": state.last_loss, "train/lr": lr, "train/grad_norm": values["grad_norm"],
                    "train/samples_seen": state.samples_seen - (state.step - step) * self.cfg.stage.global_batch,
-                   "train/nonfinite_skipped": state.nonfinite_skipped, **meter.window()}
+                   "train/nonfinite_skipped": state.nonfinite_skipped, **meter.window(done_at)}
         for reason, count in self.loader.skip_counts().items():
             metrics[f"data/skipped/{reason}"] = count
         metrics = {k: v for k, v in metrics.items() if v is not None}
