@@ -212,6 +212,12 @@ def test_nonfinite_losses_in_a_row_abort_with_a_checkpoint(tmp_path, shards):
     assert (run_dir / "checkpoints" / "latest").read_text() == "step-5"
     meta = json.loads((run_dir / "checkpoints" / "step-5" / "meta.json").read_text())
     assert meta["nonfinite_skipped"] == 4 and meta["nonfinite_in_a_row"] == 4
+    # Numbered as the progress lines number steps (1-based; fault indices are 0-based), and the abort names
+    # the streak that caused it, not the count after the step read with it (it said "0 in a row" where
+    # a finite step followed).
+    assert "step 2: non-finite loss or gradient, update skipped (1 in a row)" in proc.stdout
+    assert ("aborting: 3 non-finite steps in a row up to step 4 (read a step late: step 5 ran too); "
+            "checkpoint saved at step 5") in proc.stdout
 
 
 def test_an_error_in_the_step_ends_every_rank_with_its_loader_workers(tmp_path, shards):

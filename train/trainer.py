@@ -209,12 +209,15 @@ class Trainer:
         state.nonfinite_skipped = int(values["skipped_total"])
         state.nonfinite_in_a_row = int(values["in_a_row"])
         meter.step_done(self.cfg.stage.micro_batch * self.accumulation)
-        if values["skipped"] and self.env.is_main:
-            print(f"step {pending.index}: non-finite loss or gradient, update skipped "
+        if values["skipped"] and self.env.is_main:  # numbered as the progress line and W&B number it
+            print(f"step {pending.index + 1}: non-finite loss or gradient, update skipped "
                   f"({state.nonfinite_in_a_row} in a row)", flush=True)
         if "loss" in values:
             self._log(pending.index + 1, values, pending.lr, meter, progress, pending.done_at)
         if state.nonfinite_in_a_row >= self.cfg.checkpoint.max_nonfinite_in_a_row:
+            # Kept for the message: the step read after this one (at once, before the save) may change it.
+            self._abort_reason = self._abort_reason or (f"{state.nonfinite_in_a_row} non-finite steps in a row "
+                                                        f"up to step {pending.index + 1}")
             return "abort"
         return "preempt" if values["preempted"] else None
 
@@ -246,6 +249,7 @@ class Trainer:
         meter.reset()  # the first window starts here, not at start-up
         started, start_step, exit_code = time.perf_counter(), state.step, 0
         pending: PendingStep | None = None
+        self._abort_reason: str | None = None
         while state.step < total:
             with meter.waiting_for_data():
                 micro_batches = [next(batches) for _ in range(self.accumulation)]
@@ -266,7 +270,8 @@ class Trainer:
             val_due = bool(cfg.tracking.val_every) and state.step % cfg.tracking.val_every == 0
             checkpoint_due = state.step % cfg.checkpoint.every_steps == 0
             if stop or checkpoint_due or sample_due or val_due or state.step == total:
-                stop = self._apply(pending, meter, progress) or stop  # the state is complete before saving
+                later = self._apply(pending, meter, progress)  # the state is complete before saving
+                stop = "abort" if "abort" in (stop, later) else stop or later
                 pending = None
             if val_due:
                 with meter.paused():
@@ -278,8 +283,8 @@ class Trainer:
                 self.save()
                 self._status("failed")
                 if env.is_main:
-                    print(f"aborting: {state.nonfinite_in_a_row} non-finite steps in a row; checkpoint saved",
-                          flush=True)
+                    print(f"aborting: {self._abort_reason} (read a step late: step {state.step} ran too); "
+                          f"checkpoint saved at step {state.step}", flush=True)
                 exit_code = 1
                 break
             if stop == "preempt" or checkpoint_due:
