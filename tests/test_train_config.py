@@ -84,6 +84,17 @@ def test_stage_chain_is_explicit_about_what_carries_over():
     assert all(c.stage.init.weights and c.stage.init.ema and not c.stage.init.optimizer for c in (v11_512, v12, v13))
 
 
+def test_settings_the_schema_does_not_have_are_refused_with_the_nearest():
+    """Hydra's `+key=value` (its own hint for an unknown key) adds a key even to the structured config, and
+    it reached the dataclass unread: `+stage.stepz=5` trained the default steps without a word. Free-form
+    maps (cluster.env) still take any key."""
+    with pytest.raises(ConfigError, match=r"no such setting: stage.stepz \(did you mean stage.steps\?\)"):
+        _compose("+stage.stepz=5")
+    with pytest.raises(ConfigError, match=r"optim.lr_typo \(optim has lr, beta1.*; foo \(the top level has backend"):
+        _compose("+optim.lr_typo=1", "+foo=3")
+    assert _compose("+cluster.env.NCCL_DEBUG=INFO").cluster.env["NCCL_DEBUG"] == "INFO"
+
+
 def test_accumulation_is_derived_and_impossible_batches_are_refused():
     assert accumulation_steps(2048, 256, 4) == 2
     assert accumulation_steps(2048, 8, 4) == 64  # same optimisation on one node

@@ -8,7 +8,10 @@ twice refused).
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import sys
+import typing
 from pathlib import Path
 
 import hydra
@@ -22,12 +25,37 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
+def unknown_settings(node, schema: type, prefix: str = "") -> list[str]:
+    """The keys of `node` that `schema` (a config dataclass, recursively) does not have, each with the
+    nearest names it does. Hydra's `+key=value` adds a key even to a structured config, and OmegaConf
+    carries it into the dataclass unread: `+stage.stepz=5` trained the default steps without a word."""
+    hints = typing.get_type_hints(schema)
+    found = []
+    for key in node.keys():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            near = difflib.get_close_matches(str(key), list(hints), n=2, cutoff=0.5)
+            found.append(name + (f" (did you mean {' or '.join(prefix + n for n in near)}?)" if near else
+                                 f" ({prefix.rstrip('.') or 'the top level'} has {', '.join(hints)})"))
+            continue
+        child = hints[key]
+        child = next((a for a in typing.get_args(child) if dataclasses.is_dataclass(a)), child)  # Optional[X]
+        value = node[key] if OmegaConf.is_config(node) else None
+        if dataclasses.is_dataclass(child) and isinstance(value, DictConfig):
+            found += unknown_settings(value, child, f"{name}.")
+    return found
+
+
 def to_dataclass(cfg: DictConfig) -> TrainConfig:
-    """The typed config (every interpolation resolved; missing mandatory values are an error)."""
+    """The typed config (every interpolation resolved; missing mandatory values and settings the schema
+    does not have are an error)."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError("these settings have no value; set them on the command line (key=value): "
                           + ", ".join(missing))
+    unknown = unknown_settings(cfg, TrainConfig)
+    if unknown:
+        raise ConfigError("no such setting: " + "; ".join(unknown) + " (train/config.py has them all)")
     return OmegaConf.to_object(cfg)
 
 
