@@ -160,6 +160,23 @@ def test_resume_continues_the_same_run(wandb_env: Path) -> None:
     assert after.metric("train/loss") == [(s, pytest.approx(1.0 / (s + 1))) for s in (3, 4, 5)]
 
 
+def test_a_run_started_again_before_its_first_checkpoint_continues_its_w_and_b_run(wandb_env: Path) -> None:
+    """The id was only in checkpoints: a stage that crashed before its first one forked a second W&B run
+    with overlapping steps when started again. Rank 0 keeps the id in the run folder from the start."""
+    run_dir = wandb_env / "run"
+    cfg = TrackingConfig(wandb_mode="offline")
+    first = Tracker(cfg, run_dir, _config(), run_id=None, rank=0, resume=False)
+    first.log({"train/loss": 1.0}, step=1)
+    first.finish(1)
+    with Tracker(cfg, run_dir, _config(), run_id=None, rank=0, resume=False) as again:
+        assert again.run_id == first.run_id
+        again.log({"train/loss": 0.5}, step=2)
+    assert read_run(again.offline_run_dir).run_id == first.run_id
+    # A checkpoint's id, where there is one, is the one.
+    with Tracker(cfg, run_dir, _config(), run_id="fromckpt", rank=0, resume=True) as resumed:
+        assert resumed.run_id == "fromckpt"
+
+
 class _NotANumber:
     """Would fail in to_scalar: proves a no-op tracker never reads (or syncs) the values it is given."""
 

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 _ID_CHARS = string.ascii_lowercase + string.digits
 
 
+RUN_ID_FILE = "wandb_run_id"
+
+
 def new_run_id(length: int = 8) -> str:
     """A fresh W&B run id. `secrets`, not `random`: the trainer seeds `random`, and seeded ids repeat."""
     return "".join(secrets.choice(_ID_CHARS) for _ in range(length))
@@ -45,9 +48,17 @@ class Tracker:
         self.rank = rank
         self._run: Any = None
         self._offline_run_dir: Path | None = None
-        # Other ranks never learn a generated id; the id rank 0 saves in the checkpoint is the one.
-        self._run_id = run_id if rank != 0 else run_id or new_run_id()
-        if rank != 0 or cfg.wandb_mode == "disabled":
+        # Other ranks never learn a generated id; the id rank 0 saves in the checkpoint is the one. Rank 0
+        # also keeps it in the run folder from the start: a run that ends before its first checkpoint
+        # (a crash, a kill) continues the same W&B run when started again, instead of forking a second.
+        self._run_id = run_id
+        if rank != 0:
+            return
+        id_file = Path(run_dir) / RUN_ID_FILE
+        if self._run_id is None and id_file.is_file():
+            self._run_id, resume = id_file.read_text().strip() or None, True
+        self._run_id = self._run_id or new_run_id()
+        if cfg.wandb_mode == "disabled":
             return
         if cfg.wandb_mode not in ("online", "offline"):
             raise ValueError(f"tracking.wandb_mode={cfg.wandb_mode!r}: choose online, offline or disabled")
@@ -60,6 +71,7 @@ class Tracker:
         # Made here so that an unusable run_dir fails loudly: wandb would fall back to the system temp
         # dir with only a warning (hidden by WANDB_SILENT).
         run_dir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(self._run_id + "\n")
         run_name, stage = _names(config)
         # wandb tells child processes about its service through WANDB_SERVICE. A trainer started from a
         # process that used wandb itself (a test runner, a notebook, a sweep driver) inherits it and
