@@ -1,5 +1,6 @@
 """`python -m launch status`: each stage's state, step and last loss (from its status.json, written by
-the trainer) and, where the stage was submitted to Slurm, the job and what Slurm says of it; for a stage
+the trainer; "lost" where it says running but its process on this host is gone), the step a start would
+resume from, and, where the stage was submitted to Slurm, the job and what Slurm says of it; for a stage
 with `stage.data.precompute_from`, also the latent shards made so far and the job making them."""
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ from typing import Callable, Sequence
 
 from launch.config import StageJob
 from launch.precompute import PrecomputeJob
-from train.status import read_status
+from train.checkpoint import latest_checkpoint
+from train.status import read_status, writer_gone
 
-COLUMNS = ("stage", "state", "step", "loss", "updated", "job", "slurm")
+COLUMNS = ("stage", "state", "step", "loss", "updated", "checkpoint", "job", "slurm")
+# "running" in a status.json whose process is gone (see train.status.writer_gone): it will not resume by
+# itself; starting it again resumes from the checkpoint column's step.
+LOST = "lost"
 
 
 def _precompute_row(job: PrecomputeJob, read_record: Callable, job_state: Callable | None) -> dict:
@@ -18,8 +23,17 @@ def _precompute_row(job: PrecomputeJob, read_record: Callable, job_state: Callab
     job_id = (read_record(job.run_dir) or {}).get("job_id")
     state = "done" if made == len(job.latents) else "incomplete" if made else "not started"
     return {"stage": job.stage, "run_dir": str(job.out_dir), "state": state, "step": made,
-            "total_steps": len(job.latents), "loss": None, "updated": None, "job": job_id,
+            "total_steps": len(job.latents), "loss": None, "updated": None, "checkpoint": None, "job": job_id,
             "slurm": job_state(job_id) if (job_id and job_state) else None}
+
+
+def _checkpoint_step(run_dir) -> int | None:
+    """The step a start would resume from (the latest complete checkpoint), None without one."""
+    try:
+        latest = latest_checkpoint(run_dir / "checkpoints")
+    except FileNotFoundError:
+        return None
+    return None if latest is None else int(latest.name.removeprefix("step-"))
 
 
 def stage_rows(jobs: Sequence[StageJob], read_record: Callable, job_state: Callable | None) -> list[dict]:
@@ -36,9 +50,9 @@ def stage_rows(jobs: Sequence[StageJob], read_record: Callable, job_state: Calla
         rows.append({
             "stage": job.stage, "run_dir": str(job.run_dir),
             # A stage with no status.json has not started (or is still waiting in the queue).
-            "state": status.get("state", "not started"),
+            "state": LOST if writer_gone(status) else status.get("state", "not started"),
             "step": status.get("step"), "total_steps": status.get("total_steps"), "loss": status.get("loss"),
-            "updated": status.get("updated"), "job": job_id,
+            "updated": status.get("updated"), "checkpoint": _checkpoint_step(job.run_dir), "job": job_id,
             "slurm": job_state(job_id) if (job_id and job_state) else None,
         })
     return rows

@@ -33,8 +33,8 @@ def test_rows_and_table(tmp_path):
         ("a", "finished", 6, 0.7453, "11", None), ("b", "preempted", 2, 1.133, "12", "PENDING (BeginTime)"),
         ("c", "not started", None, None, "13", "PENDING (Dependency)")]
     lines = format_table(rows).splitlines()
-    assert lines[0].split() == ["stage", "state", "step", "loss", "updated", "job", "slurm"]
-    assert lines[1].split() == ["a", "finished", "6/6", "0.7453", "2026-11-27T08:00:00+00:00", "11", "gone"]
+    assert lines[0].split() == ["stage", "state", "step", "loss", "updated", "checkpoint", "job", "slurm"]
+    assert lines[1].split() == ["a", "finished", "6/6", "0.7453", "2026-11-27T08:00:00+00:00", "-", "11", "gone"]
     assert lines[2].split()[:4] == ["b", "preempted", "2/6", "1.1330"]
     assert lines[3].split()[:4] == ["c", "not", "started", "-"]
 
@@ -47,7 +47,33 @@ def test_local_runs_have_no_slurm_column_values(tmp_path):
                                                                  ("not started", None, None),
                                                                  ("not started", None, None)]
     assert format_table(rows).splitlines()[1].split() == ["a", "running", "3/6", "-", "2026-11-27T08:00:00+00:00",
-                                                          "-", "-"]
+                                                          "-", "-", "-"]
+
+
+def test_a_run_killed_outright_is_lost_not_running(tmp_path):
+    """kill -9 (or the OOM killer) leaves status.json saying running, for ever: where its writer was a
+    process on this host that is gone, the state is "lost", beside the step a start would resume from."""
+    import subprocess
+    import sys
+
+    from train.status import write_status
+
+    jobs = _jobs(tmp_path)
+    jobs[0].run_dir.mkdir(parents=True)
+    write_status(jobs[0].run_dir, "running", 8, 12, 0.78)
+    (jobs[0].run_dir / "checkpoints" / "step-6").mkdir(parents=True)
+    (jobs[0].run_dir / "checkpoints" / "step-6" / "meta.json").write_text("{}")
+    (jobs[0].run_dir / "checkpoints" / "latest").write_text("step-6")
+    rows = stage_rows(jobs, lambda d: None, None)
+    assert (rows[0]["state"], rows[0]["checkpoint"]) == ("running", 6)  # this process wrote it: alive
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    record = json.loads((jobs[0].run_dir / "status.json").read_text())
+    (jobs[0].run_dir / "status.json").write_text(json.dumps({**record, "pid": int(gone.stdout)}))
+    rows = stage_rows(jobs, lambda d: None, None)
+    assert (rows[0]["state"], rows[0]["step"], rows[0]["checkpoint"]) == ("lost", 8, 6)
+    # Another host's record cannot be checked from here: it stays as written.
+    (jobs[0].run_dir / "status.json").write_text(json.dumps({**record, "pid": int(gone.stdout), "host": "elsewhere"}))
+    assert stage_rows(jobs, lambda d: None, None)[0]["state"] == "running"
 
 
 def test_status_command(tmp_path):

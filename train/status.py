@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -12,7 +13,9 @@ STATES = ("running", "preempted", "finished", "failed")
 def write_status(run_dir: Path, state: str, step: int, total_steps: int, loss: float | None, **extra) -> None:
     assert state in STATES, state
     record = {"state": state, "step": step, "total_steps": total_steps, "loss": loss,
-              "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra}
+              "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              # Who wrote it: a process killed outright (SIGKILL, the OOM killer) cannot say it ended.
+              "host": socket.gethostname(), "pid": os.getpid(), **extra}
     path = run_dir / "status.json"
     tmp = path.with_name("status.json.tmp")
     tmp.write_text(json.dumps(record, indent=1))
@@ -22,3 +25,18 @@ def write_status(run_dir: Path, state: str, step: int, total_steps: int, loss: f
 def read_status(run_dir: Path) -> dict | None:
     path = Path(run_dir) / "status.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def writer_gone(status: dict) -> bool:
+    """A "running" record whose writer was a process on this host that no longer exists: killed without
+    a word (kill -9, the OOM killer) or its node rebooted. Records from other hosts cannot be checked
+    here (Slurm's job state says what became of those)."""
+    if status.get("state") != "running" or status.get("host") != socket.gethostname() or not status.get("pid"):
+        return False
+    try:
+        os.kill(int(status["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
