@@ -171,6 +171,8 @@ def test_a_run_started_again_before_its_first_checkpoint_continues_its_w_and_b_r
     with Tracker(cfg, run_dir, _config(), run_id=None, rank=0, resume=False) as again:
         assert again.run_id == first.run_id
         again.log({"train/loss": 0.5}, step=2)
+        # Records reach the file within a second (wandb-core's default, 15 s, lost that much at a kill -9).
+        assert again._run.settings.x_transaction_log_flush_interval == 1.0
     assert read_run(again.offline_run_dir).run_id == first.run_id
     # A checkpoint's id, where there is one, is the one.
     with Tracker(cfg, run_dir, _config(), run_id="fromckpt", rank=0, resume=True) as resumed:

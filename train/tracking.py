@@ -34,6 +34,7 @@ _ID_CHARS = string.ascii_lowercase + string.digits
 
 
 RUN_ID_FILE = "wandb_run_id"
+WANDB_FLUSH_S = 1.0
 
 
 def new_run_id(length: int = 8) -> str:
@@ -89,6 +90,12 @@ class Tracker:
             name=f"{run_name}/{stage}" if run_name and stage else run_name,
             group=run_name,
             job_type=stage,
+            # wandb-core writes the run's records to its file every 15 s by default, and a trainer killed
+            # outright (kill -9, the OOM killer) takes it down with it: the records since the last write
+            # were lost, and a resume does not log the steps up to its checkpoint again.
+            # (A private setting: passed only where this wandb has it.)
+            settings=wandb.Settings(**({"x_transaction_log_flush_interval": WANDB_FLUSH_S}
+                                       if "x_transaction_log_flush_interval" in wandb.Settings.model_fields else {})),
         )
         if cfg.wandb_mode == "offline":
             self._offline_run_dir = Path(self._run.settings.sync_dir)
