@@ -232,7 +232,10 @@ def test_an_error_in_the_step_ends_every_rank_with_its_loader_workers(tmp_path, 
         pytest.fail("the ranks did not exit within 150 s of an error in the step (a normal short run takes ~30 s)")
     assert proc.returncode != 0
     assert "fault.raise_at_step=1: an error in the step, injected" in proc.stdout + proc.stderr
-    assert status(run_dir)["state"] == "failed"
+    # Step 1 had finished: its loss (read a step late, when step 2 failed) is recorded, not lost with step 2.
+    s = status(run_dir)
+    assert s["state"] == "failed" and s["step"] == 1 and s["loss"] is not None
+    assert "step 1/6" in proc.stdout
 
 
 def test_shards_that_are_not_there_stop_every_rank_at_start_up(tmp_path, shards):

@@ -221,6 +221,13 @@ class Trainer:
             return "abort"
         return "preempt" if values["preempted"] else None
 
+    def _apply_before_failing(self, pending: PendingStep, meter, progress) -> None:
+        try:
+            self._apply(pending, meter, progress)
+        except Exception as err:  # the device may be gone with the error: the error that ends the run stands
+            if self.env.is_main:
+                print(f"(step {pending.index + 1}'s results could not be read after the error: {err})", flush=True)
+
     def _encoder_flops_per_image(self) -> float:
         """The frozen encoders' forward per image, where they run in the loop (not precomputed)."""
         data, sd = self.cfg.stage.data, self.sd_cfg
@@ -251,10 +258,16 @@ class Trainer:
         pending: PendingStep | None = None
         self._abort_reason: str | None = None
         while state.step < total:
-            with meter.waiting_for_data():
-                micro_batches = [next(batches) for _ in range(self.accumulation)]
             index, lr = state.step, self.engine.lr()
-            outcome = self.optimizer_step(micro_batches, flag.set, encode_autocast)
+            try:
+                with meter.waiting_for_data():
+                    micro_batches = [next(batches) for _ in range(self.accumulation)]
+                outcome = self.optimizer_step(micro_batches, flag.set, encode_autocast)
+            except Exception:
+                # The step before finished: its loss and log window are not lost with this one.
+                if pending is not None:
+                    self._apply_before_failing(pending, meter, progress)
+                raise
             state.step += 1
             state.samples_seen += cfg.stage.global_batch
             progress.step(state.step)
