@@ -313,10 +313,9 @@ def _saved_grad_scaler(checkpoint_dir) -> dict:
     return torch.load(out, weights_only=False)["grad_scaler"]
 
 
-@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
-def test_fp16_loss_scaling_trains_and_resumes_exactly(tmp_path, shards, backend):
-    """fp16 with dynamic loss scaling (FSDP2: the sharded scaler, whose inf check is all-reduced): the
-    loss scale is saved with the optimiser, so a kill -9 + resume ends bitwise equal to a straight run."""
+def _fp16_straight_and_resumed(tmp_path, shards, backend):
+    """An fp16 run straight, and one killed (-9) after its step-3 checkpoint and resumed: their exports are
+    bitwise equal. Returns both run folders."""
     def fp16(run_dir, *extra):
         return [shards, f"run.dir={run_dir}", f"backend={backend}", "parallel.precision=fp16", *extra]
 
@@ -327,6 +326,14 @@ def test_fp16_loss_scaling_trains_and_resumes_exactly(tmp_path, shards, backend)
     run_train(tmp_path, fp16(broken))
     a, b = exported_unet(straight), exported_unet(broken)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed fp16 weights differ from the uninterrupted run"
+    return straight, broken
+
+
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+def test_fp16_loss_scaling_trains_and_resumes_exactly(tmp_path, shards, backend):
+    """fp16 with dynamic loss scaling (FSDP2: the sharded scaler, whose inf check is all-reduced): the
+    loss scale is saved with the optimiser, so a kill -9 + resume ends bitwise equal to a straight run."""
+    straight, broken = _fp16_straight_and_resumed(tmp_path, shards, backend)
     s = status(straight)
     assert s["state"] == "finished" and s["loss"] == s["loss"] == status(broken)["loss"]
     scaler = _saved_grad_scaler(straight / "checkpoints" / "step-6")
@@ -442,14 +449,5 @@ def test_a_resume_takes_the_configured_lr_and_optimiser_settings(tmp_path, two_s
 def test_deepspeed_fp16_trains_and_resumes_exactly(tmp_path, shards):
     """DeepSpeed's fp16 (its own dynamic loss scale, micro-batch gradients summed in fp32): a kill -9 +
     resume ends bitwise equal to a straight run."""
-    def fp16(run_dir, *extra):
-        return [shards, f"run.dir={run_dir}", "backend=deepspeed", "parallel.precision=fp16", *extra]
-
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    run_train(tmp_path, fp16(straight))
-    run_train(tmp_path, fp16(broken, "fault.kill_after_checkpoint_at_step=3"), expect=None)
-    assert (broken / "checkpoints" / "latest").read_text() == "step-3"
-    run_train(tmp_path, fp16(broken))
-    a, b = exported_unet(straight), exported_unet(broken)
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed fp16 weights differ from the uninterrupted run"
+    straight, broken = _fp16_straight_and_resumed(tmp_path, shards, "deepspeed")
     assert status(straight)["loss"] == status(broken)["loss"]
