@@ -74,6 +74,10 @@ def test_a_run_killed_outright_is_lost_not_running(tmp_path):
     # Another host's record cannot be checked from here: it stays as written.
     (jobs[0].run_dir / "status.json").write_text(json.dumps({**record, "pid": int(gone.stdout), "host": "elsewhere"}))
     assert stage_rows(jobs, lambda d: None, None)[0]["state"] == "running"
+    # Nor a container's with this host's name (its pids are its own).
+    (jobs[0].run_dir / "status.json").write_text(json.dumps({**record, "pid": int(gone.stdout),
+                                                             "pid_namespace": "pid:[1]"}))
+    assert stage_rows(jobs, lambda d: None, None)[0]["state"] == "running"
 
 
 def test_status_command(tmp_path):
