@@ -86,6 +86,11 @@ class LoaderConfig:
     # Seconds to wait for a worker's next batch before raising (0: forever). A stuck `pipe:` command
     # then fails the run, which resumes exactly from its checkpoint, instead of hanging it.
     timeout_s: float = 0.0
+    # Stop when a stream has met this many unreadable shards since its last usable sample (0: never). A few
+    # bad shards are skipped and counted; this many in a row is the access failing (expired credentials, a
+    # lost mount), and the stream would otherwise go on skipping, or at worst, with every shard failing, try
+    # each about ln(N) times (N shards) before it can tell: days behind a `pipe:` command that takes a second.
+    max_unreadable_in_a_row: int = 64
 
     def __post_init__(self) -> None:
         if self.resolution < 8 or self.resolution % 8:
@@ -94,6 +99,8 @@ class LoaderConfig:
             raise ValueError("loader: batch_size, shards_per_group, shuffle_buffer must be >= 1 and num_workers >= 0")
         if self.streams_per_rank is not None and self.streams_per_rank % max(1, self.num_workers):
             raise ValueError(f"loader.streams_per_rank={self.streams_per_rank} must be a multiple of num_workers={self.num_workers}")
+        if self.max_unreadable_in_a_row < 0 or self.timeout_s < 0:
+            raise ValueError("loader: max_unreadable_in_a_row and timeout_s must be >= 0 (0: no limit)")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"loader.caption_dropout={self.caption_dropout} must be in [0, 1]")
         if self.crop not in CROPS:
@@ -188,6 +195,8 @@ class _Stream:
         self.good_in_group = False
         self._before_replay = Counter()
         self.barren: set[int] = set()  # shards of consecutive groups that gave no sample
+        # The errors of the shards that could not be read since the last usable sample.
+        self.unreadable: list[str] | None = [] if ds.config.max_unreadable_in_a_row else None
         self.items = stream_items(ds.plan, ds.rank * ds.plan.streams_per_rank + local, cursor,
                                   ds.config.shuffle_buffer, self._read_shard, self._replay,
                                   self._group_end)
@@ -195,7 +204,7 @@ class _Stream:
     def _read_shard(self, epoch: int, shard: int):
         cfg = self.ds.config
         return read_candidates(self.ds.urls[shard], shard, cfg.filters, cfg.latents, cfg.context, self.counts,
-                               latent_size=cfg.resolution // 8)
+                               latent_size=cfg.resolution // 8, unreadable=self.unreadable)
 
     def _replay(self, event: str) -> None:
         # The replayed reads were counted before the state was saved: forget them (in place, the shard
@@ -206,11 +215,23 @@ class _Stream:
         self.counts.clear()
         self.counts.update(self._before_replay)
         if event == "exact":
-            self.good_in_group = True  # a saved cursor always follows a good sample
+            self._usable()  # a saved cursor always follows a good sample
         else:
             self.counts[RESUME_INEXACT] += 1
 
+    def _usable(self) -> None:
+        self.good_in_group = True
+        if self.unreadable:
+            self.unreadable.clear()
+
     def _group_end(self, shards: list[int]) -> None:
+        limit = self.ds.config.max_unreadable_in_a_row
+        if limit and len(self.unreadable) >= limit:
+            raise RuntimeError(
+                f"{len(self.unreadable)} shards in a row could not be read, with no usable sample between them "
+                f"(the last: {self.unreadable[-1]}). Isolated bad shards are skipped and counted; this many is the "
+                "shards' access failing (credentials, a mount, the pipe: command): fix it and resume, or raise "
+                "stage.data.max_unreadable_in_a_row (0: skip them all)")
         if self.good_in_group:
             self.barren.clear()
         else:
@@ -227,7 +248,7 @@ class _Stream:
             self.cursor, candidate = next(self.items)
             sample = self.ds.decoder(self.cursor.item_epoch, candidate, self.counts)
             if sample is not None:
-                self.good_in_group = True
+                self._usable()
                 samples.append(sample)
         # Copied and cleared in place: the shard readers hold this Counter and keep counting into it.
         delta = Counter(self.counts)

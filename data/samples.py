@@ -126,17 +126,18 @@ def check_shard_kind(url: str, latents: bool, latent_size: int | None, samples: 
 
 
 def read_candidates(url: str, shard: int, filters: SubsetFilter | None, latents: bool, context: bool,
-                    counts: Counter, latent_size: int | None = None,
-                    setting: str = "stage.data.shards") -> Iterator[Candidate]:
+                    counts: Counter, latent_size: int | None = None, setting: str = "stage.data.shards",
+                    unreadable: list[str] | None = None) -> Iterator[Candidate]:
     """A shard's samples that pass the cheap checks. A shard of the wrong kind for `latents` (or, given
     `latent_size`, whose latents all have another size) raises WrongShardKind once it is read, and one
     whose json lacks a column the filters read in every sample raises MissingColumns
     (data/filters_runtime.py): skipping its samples one by one, the loader would read the whole dataset
-    (every rank, every epoch) before it could tell that nothing will ever be usable."""
+    (every rank, every epoch) before it could tell that nothing will ever be usable. An unreadable shard's
+    error is appended to `unreadable` (data.shard_io.iter_shard_samples)."""
     uncond = None
     kind = _ShardKind(latents, latent_size, setting)
     columns = ColumnCheck(filters) if filters is not None else None
-    for index, key, members in iter_shard_samples(url, counts):
+    for index, key, members in iter_shard_samples(url, counts, unreadable):
         if key.rsplit("/", 1)[-1] == UNCOND_KEY:
             uncond = members.get(CONTEXT_EXT)
             continue

@@ -86,11 +86,14 @@ def split_member_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1:]
 
 
-def iter_shard_samples(url: str, counts: Counter) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+def iter_shard_samples(url: str, counts: Counter,
+                       unreadable: list[str] | None = None) -> Iterator[tuple[int, str, dict[str, bytes]]]:
     """Yields (index in shard, key, {extension: bytes}) for each sample in tar order. A sample's
     members are consecutive in a WebDataset tar; when reading fails part-way, the sample being
     assembled is dropped (it may be missing members) and the shard counts as truncated, as it does when
-    the tar ends without its end-of-archive marker (cut at a member boundary or inside a header)."""
+    the tar ends without its end-of-archive marker (cut at a member boundary or inside a header).
+    A shard that fails before its first member appends its error to `unreadable`, if given: the count
+    alone does not say why (a permission, a mount, the `pipe:` command's credentials)."""
     index = 0
     members_seen = 0
     key, sample = None, {}
@@ -112,9 +115,11 @@ def iter_shard_samples(url: str, counts: Counter) -> Iterator[tuple[int, str, di
         if sample:
             yield index, key, sample
             index += 1
-    except (OSError, tarfile.TarError, EOFError, ValueError, zlib.error):
+    except (OSError, tarfile.TarError, EOFError, ValueError, zlib.error) as err:
         # ValueError: a header field that does not parse; zlib.error: a corrupt .tar.gz.
         counts[TRUNCATED_TAR if members_seen else UNREADABLE_SHARD] += 1
+        if not members_seen and unreadable is not None:
+            unreadable.append(f"{url}: {type(err).__name__}: {err}")
         return
     if index == 0:
         counts[EMPTY_SHARD] += 1

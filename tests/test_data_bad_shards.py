@@ -148,3 +148,31 @@ def test_no_usable_shard_at_all_raises_instead_of_hanging(dataset):
                           filters=replace(stage_filter("laion2b-en"), min_width=100_000))
     with pytest.raises(RuntimeError, match="filter_min_width"):
         next(iter(ShardLoader(strict)))
+
+
+def test_many_unreadable_shards_in_a_row_stop_the_stream_with_the_error(dataset, tmp_path):
+    """Access failing (credentials, a mount) makes every shard unreadable: the stream stops after
+    `max_unreadable_in_a_row` of them and says why, where it would try ~N ln N shards before the rule above."""
+    bad = []
+    for i in range(40):
+        bad.append(tmp_path / f"denied-{i:02d}.tar")
+        bad[-1].write_bytes(b"<Error><Code>ExpiredToken</Code></Error>")  # what a failed fetch leaves
+    urls = (dataset["urls"][0], *map(str, bad))
+    cfg = LoaderConfig(shards=urls, resolution=32, batch_size=2, num_workers=0, max_unreadable_in_a_row=8)
+    it = iter(ShardLoader(cfg))
+    with pytest.raises(RuntimeError, match=r"\d+ shards in a row could not be read.*the last: .*denied-\d\d.tar: "
+                                           r"ReadError.*stage.data.max_unreadable_in_a_row"):
+        for _ in range(30):  # 3 batches an epoch from the good shard; a streak of 8 comes within the first epochs
+            next(it)
+    # The same shards without the limit: the one good shard feeds the stream, the others are skipped.
+    it = iter(ShardLoader(replace(cfg, max_unreadable_in_a_row=0)))
+    assert [len(next(it)["keys"]) for _ in range(30)] == [2] * 30
+
+
+def test_a_usable_sample_ends_the_unreadable_streak(dataset, tmp_path):
+    # One good shard among 6 unreadable: a streak spans at most the 6 after it in one epoch and the 6 before it
+    # in the next, so a limit of 13 is never reached, however long the stream reads.
+    urls = (dataset["urls"][0], *[str(tmp_path / f"missing-{i}.tar") for i in range(6)])
+    it = iter(ShardLoader(LoaderConfig(shards=urls, resolution=32, batch_size=2, num_workers=0, shards_per_group=1,
+                                       max_unreadable_in_a_row=13)))
+    assert [len(next(it)["keys"]) for _ in range(60)] == [2] * 60  # 20 epochs of the good shard

@@ -129,11 +129,19 @@ def test_model_settings_are_checked_with_the_choices():
     ("stage.steps=-3", "stage.steps=-3 must be >= 1"),  # was a stage "finished" at once
     ("stage.global_batch=0", "stage.global_batch=0 must be >= 1"),
     ("stage.data.resolution=0", "stage.data.resolution=0 must be a positive multiple of 64"),  # was 0-px crops
+    ("stage.data.max_unreadable_in_a_row=-1", r"stage.data.\* sets loader: max_unreadable_in_a_row and timeout_s"),
 ])
 def test_numbers_out_of_range_are_refused_at_start_up(override, message):
     cfg = _compose("stage=v1-1_256", "cluster=reference_32x8", override)
     with pytest.raises(ConfigError, match=message):
         validate(cfg, 256)
+
+
+def test_the_loaders_failure_limits_reach_it():
+    cfg = _compose("stage=v1-1_256", "cluster=reference_32x8", "stage.data.timeout_s=600",
+                   "stage.data.max_unreadable_in_a_row=8")
+    loader = loader_config(cfg)
+    assert (loader.timeout_s, loader.max_unreadable_in_a_row) == (600, 8)
 
 
 def test_local_shards_are_listed_once_per_folder_and_missing_ones_named(tmp_path):

@@ -66,6 +66,12 @@ class DataConfig:
     val_shards: Optional[str] = None
     shuffle_buffer: int = 1000
     shards_per_group: int = 4
+    # Seconds a rank waits for its loader's next batch before the run fails (0: forever): a `pipe:` command
+    # that hangs then stops the run, which resumes exactly from its checkpoint (num_workers > 0 only).
+    timeout_s: float = 0.0
+    # Stop when a loader stream meets this many unreadable shards in a row (0: skip them all): isolated bad
+    # shards are skipped and counted, so many in a row is the shards' access failing (data/loader.py).
+    max_unreadable_in_a_row: int = 64
 
 
 @dataclass
@@ -296,7 +302,8 @@ def loader_config(cfg: TrainConfig, pin_memory: bool = False):
                         num_workers=data.num_workers, seed=stage_seed(cfg), caption_dropout=data.caption_dropout,
                         crop=data.crop, filters=stage_filter(data.subset) if data.subset else None,
                         latents=data.latents, context=data.context, shuffle_buffer=data.shuffle_buffer,
-                        shards_per_group=data.shards_per_group, pin_memory=pin_memory)
+                        shards_per_group=data.shards_per_group, pin_memory=pin_memory, timeout_s=data.timeout_s,
+                        max_unreadable_in_a_row=data.max_unreadable_in_a_row)
 
 
 def check_shards_exist(cfg: TrainConfig) -> None:
