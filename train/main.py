@@ -62,6 +62,7 @@ def to_dataclass(cfg: DictConfig) -> TrainConfig:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def train_stage(cfg: DictConfig) -> None:
     from train.distributed import shutdown
+    from train.run_lock import RunDirInUse
     from train.trainer import run
 
     try:
@@ -69,6 +70,9 @@ def train_stage(cfg: DictConfig) -> None:
         code = run(typed, OmegaConf.to_container(cfg, resolve=True))
     except ConfigError as err:
         print(f"config error: {err}", flush=True)
+        shutdown(2)
+    except RunDirInUse as err:
+        print(f"run folder in use: {err}", flush=True)
         shutdown(2)
     shutdown(code)
 

@@ -24,6 +24,7 @@ from train.export import export_stage, load_stage_init
 from train.flops import (peak_tflops, text_encode_flops_per_caption, unet_train_flops_per_image,
                          vae_encode_flops_per_image)
 from train.parallel import build_engine
+from train.run_lock import hold_run_dir
 from train.signals import REQUEUE_EXIT_CODE, PreemptionFlag
 from train.status import write_status
 from train.step import FrozenParts, training_loss
@@ -427,6 +428,7 @@ def run(cfg: TrainConfig, config_dict: dict) -> int:
     if env.is_main:
         check_shards_exist(cfg)  # before minutes of model building; one rank lists the folders
         check_frozen_sources(cfg)
+        hold_run_dir(Path(cfg.run.dir))  # before anything is written there; the other ranks wait in a barrier
     trainer = Trainer(cfg, env, config_dict)
     try:
         code = trainer.train()
