@@ -57,6 +57,21 @@ def test_a_brace_pattern_the_shell_expanded_is_refused():
         compose_config(["stage=mini_test", "optim.lr=1", "optim.lr=2"])
 
 
+def test_a_misspelt_setting_is_refused_with_the_nearest_name():
+    """Hydra's own message for `stage.stepz=5` advised `+stage.stepz=5`, which the composed config's check
+    then refused: the nearest name comes first now. Free-form maps, Hydra's own settings and `+key` pass."""
+    with pytest.raises(ConfigError, match=r"no such setting: stage.stepz \(did you mean stage.steps\?\)"):
+        compose_config(["stage=mini_test", "stage.data.shards=/a/0.tar", "stage.stepz=5"])
+    with pytest.raises(ConfigError, match=r"optim.lrr \(did you mean optim.lr\?\); foo \(the top level has backend"):
+        for_hydra(["optim.lrr=3", "foo=2"])
+    cfg = compose_config(["stage=mini_test", "cluster=gpu_node", "cluster.env.NCCL_DEBUG=INFO", "stage.steps=5",
+                          "hydra.job.chdir=false", "~cluster.env.TORCH_NCCL_ASYNC_ERROR_HANDLING"])
+    assert cfg.stage.steps == 5 and dict(cfg.cluster.env) == {"NCCL_DEBUG": "INFO"}
+    misspelt = subprocess.run([sys.executable, "-m", "train", "stage=mini_test", "stage.stepz=5"], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+    assert misspelt.returncode == 2 and "did you mean stage.steps?" in misspelt.stdout, misspelt.stdout + misspelt.stderr
+
+
 def test_argv_keeps_hydra_flags():
     argv = ["-m", f"stage.data.shards={PATTERN}", "--cfg", "job", "backend=fsdp"]
     assert argv_for_hydra(argv) == ["-m", f"stage.data.shards='{PATTERN}'", "--cfg", "job", "backend=fsdp"]

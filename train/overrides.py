@@ -7,14 +7,20 @@ A shard pattern has two ways to go wrong between the shell and Hydra:
 - not quoted, bash expands it into one override per shard (`stage.data.shards=/data/00000.tar ...`),
   and Hydra keeps the last one: a run on a single shard, silently. A setting given twice on one command
   line is refused here, with the fix.
+
+A misspelt setting (`stage.stepz=5`) is refused here too, naming the nearest: Hydra's own message for it
+advises `+stage.stepz=5`, which the schema check after composing then refuses (train.main.to_dataclass).
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import re
+import typing
 from collections import defaultdict
 from collections.abc import Sequence
 
-from train.config import ConfigError
+from train.config import ConfigError, TrainConfig
 
 # A webdataset/braceexpand pattern: {00000..09999} or {a,b}.
 _BRACE_PATTERN = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
@@ -49,6 +55,41 @@ def refuse_repeated(overrides: Sequence[str]) -> None:
             raise ConfigError(f"{key} is given {len(given)} times ({shown}), and Hydra would keep only the last: {fix}")
 
 
+def unknown_setting(key: str) -> str | None:
+    """`key` (a plain override's, dotted) with the nearest names, where the schema (TrainConfig) has no such
+    setting; None where it has, or where the path leaves the schema's dataclasses (a free-form map such as
+    cluster.env, a value's own parts: Hydra and the composed config's check take it from there)."""
+    schema, prefix = TrainConfig, ""
+    for part in key.split("."):
+        hints = typing.get_type_hints(schema)
+        if part not in hints:
+            near = difflib.get_close_matches(part, list(hints), n=2, cutoff=0.5)
+            return prefix + part + (f" (did you mean {' or '.join(prefix + n for n in near)}?)" if near else
+                                    f" ({prefix.rstrip('.') or 'the top level'} has {', '.join(hints)})")
+        child = hints[part]
+        child = next((a for a in typing.get_args(child) if dataclasses.is_dataclass(a)), child)  # Optional[X]
+        if not dataclasses.is_dataclass(child):
+            return None
+        schema, prefix = child, f"{prefix}{part}."
+    return None
+
+
+def refuse_unknown(overrides: Sequence[str]) -> None:
+    """Plain `key=value` overrides of settings the schema does not have. `+key` / `++key` are left to the
+    composed config's check, `~key`, `hydra.*` and group paths (`a/b`, `x@pkg`) to Hydra."""
+    unknown = []
+    for override in overrides:
+        key, sep, _ = override.partition("=")
+        if not sep or not key or key.startswith(("+", "~")) or key.split(".")[0] == "hydra" or "/" in key \
+                or "@" in key:
+            continue
+        found = unknown_setting(key)
+        if found:
+            unknown.append(found)
+    if unknown:
+        raise ConfigError("no such setting: " + "; ".join(unknown) + " (train/config.py has them all)")
+
+
 def later_wins(*sources: Sequence[str]) -> list[str]:
     """The overrides of several sources as one command line, a key set by a later source replacing an
     earlier source's (e.g. a chain stage's own `LABEL:key=value` over the common one): the command line
@@ -63,8 +104,10 @@ def later_wins(*sources: Sequence[str]) -> list[str]:
 
 
 def for_hydra(overrides: Sequence[str]) -> list[str]:
-    """The overrides of one command line, checked and quoted for Hydra."""
+    """The overrides of one command line, checked (a setting given twice, a setting the schema does not
+    have) and quoted for Hydra."""
     refuse_repeated(overrides)
+    refuse_unknown(overrides)
     return [quote_for_hydra(o) for o in overrides]
 
 
