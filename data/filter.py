@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .inputs import expand_inputs
-from .stages import RULE_COLUMNS, SubsetFilter, alias_in
+from .stages import COLUMN_ALIASES, RULE_COLUMNS, SubsetFilter, alias_in
 
 REPORT_NAME = "filter_report.json"
 COUNTING_NOTE = ("a row failing several rules is counted under each rule it fails in removed_by_rule (these can sum "
@@ -59,8 +59,11 @@ def rule_masks(batch: pa.RecordBatch | pa.Table, rules: SubsetFilter) -> dict[st
     for rule in rules.active_rules():
         name = rules.column(rule)
         if name not in batch.schema.names:
-            raise KeyError(f"no column {name!r} for rule {rule} (columns: {batch.schema.names}); set the matching "
-                           "MetadataColumns field (e.g. --width-col original_width)")
+            others = [n for group in COLUMN_ALIASES if name in group for n in group if n != name]
+            field_name = RULE_COLUMNS[rule]
+            raise KeyError(f"no column {' or '.join(map(repr, [name, *others]))} for rule {rule} (columns: "
+                           f"{batch.schema.names}); set the matching MetadataColumns field, {field_name} "
+                           f"(--{field_name}-col NAME)")
         col = batch.column(name)
         bound = getattr(rules, rule)
         if rule == "languages":

@@ -184,8 +184,12 @@ def test_the_aesthetic_score_is_read_under_either_name_the_subsets_use(tmp_path)
 
 def test_missing_column_and_bad_types_say_what_to_change(tmp_path):
     pq.write_table(pa.table({"URL": ["u"], "TEXT": ["a caption"], "score": [6.0]}), tmp_path / "a.parquet")
-    with pytest.raises(KeyError, match="no column 'aesthetic' for rule min_aesthetic.*--width-col"):
+    # The message names the rule's own flag (it said --width-col for every rule) and the score's other name.
+    with pytest.raises(KeyError, match="no column 'aesthetic' or 'AESTHETIC_SCORE' for rule min_aesthetic.*"
+                                       r"field, aesthetic \(--aesthetic-col NAME\)"):
         filter_parquet(tmp_path / "a.parquet", tmp_path / "out", SubsetFilter(min_aesthetic=5.0), progress=False)
+    with pytest.raises(KeyError, match=r"no column 'WIDTH' for rule min_width.*field, width \(--width-col NAME\)"):
+        filter_parquet(tmp_path / "a.parquet", tmp_path / "out1", SubsetFilter(min_width=5), progress=False)
     renamed = SubsetFilter(min_aesthetic=5.0, columns=MetadataColumns(aesthetic="score"))
     assert filter_parquet(tmp_path / "a.parquet", tmp_path / "out2", renamed, progress=False).rows_out == 1
     with pytest.raises(KeyError, match="SubsetFilter.columns"):
