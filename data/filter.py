@@ -16,6 +16,7 @@ once in `rows_removed`. `null_by_rule` counts rows whose value was null/NaN: the
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -158,6 +159,19 @@ class _ShardedWriter:
             self.outputs[-1]["rows"] = self.file_rows
             self.writer = None
 
+    @contextlib.contextmanager
+    def discarding_on_error(self):
+        """On an error, the file being written goes (the outputs finished before it stay)."""
+        try:
+            yield
+        except BaseException:
+            if self.writer is not None:
+                self.writer.close()
+                self.path.with_suffix(".parquet.tmp").unlink(missing_ok=True)
+                self.outputs.pop()
+                self.writer = None
+            raise
+
     def start_input(self, schema: pa.Schema) -> None:
         """One output per input when rows_per_file is None (written even if nothing is kept, so
         outputs pair with inputs); otherwise one schema for every output."""
@@ -228,7 +242,9 @@ def filter_parquet(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_
     baseline = pa.total_allocated_bytes()
     start = time.monotonic()
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    with tqdm(total=total, unit="row", unit_scale=True, desc="filter", disable=not progress) as bar:
+    # A refused or failed run leaves no .parquet.tmp behind (it made the next run ask for --overwrite).
+    with tqdm(total=total, unit="row", unit_scale=True, desc="filter", disable=not progress) as bar, \
+            writer.discarding_on_error():
         for path in files:
             # pre_buffer (pyarrow's default) caches the byte ranges of every row group iter_batches will
             # visit, i.e. the whole file: memory would grow with the file. A buffered stream instead.

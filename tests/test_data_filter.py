@@ -182,6 +182,22 @@ def test_the_aesthetic_score_is_read_under_either_name_the_subsets_use(tmp_path)
     assert report.rows_out == 2
 
 
+def test_a_refused_run_leaves_nothing_that_blocks_the_next(tmp_path):
+    """A run refused at its first batch left 00000.parquet.tmp behind, and the corrected command was then
+    refused too ('already holds 1 parquet files; pass --overwrite'). Finished outputs still count."""
+    pq.write_table(pa.table({"URL": ["u", "v"], "TEXT": ["a", "b"], "score": [6.0, 4.0]}), tmp_path / "a.parquet")
+    with pytest.raises(KeyError, match="no column 'aesthetic'"):
+        filter_parquet(tmp_path / "a.parquet", tmp_path / "out", SubsetFilter(min_aesthetic=5.0), progress=False)
+    assert list((tmp_path / "out").iterdir()) == []
+    renamed = SubsetFilter(min_aesthetic=5.0, columns=MetadataColumns(aesthetic="score"))
+    assert filter_parquet(tmp_path / "a.parquet", tmp_path / "out", renamed, progress=False).rows_out == 1
+    # The second input lacks the column: the first's output stays, the second's partial file goes.
+    pq.write_table(pa.table({"URL": ["w"], "TEXT": ["c"]}), tmp_path / "b.parquet")
+    with pytest.raises(KeyError, match="no column 'score'"):
+        filter_parquet([tmp_path / "a.parquet", tmp_path / "b.parquet"], tmp_path / "out2", renamed, progress=False)
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["00000.parquet"]
+
+
 def test_missing_column_and_bad_types_say_what_to_change(tmp_path):
     pq.write_table(pa.table({"URL": ["u"], "TEXT": ["a caption"], "score": [6.0]}), tmp_path / "a.parquet")
     # The message names the rule's own flag (it said --width-col for every rule) and the score's other name.
