@@ -50,9 +50,13 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The checkpoint a start resumes from: the one `latest` names; without `latest`, the newest complete one
+    (a crash between a save's rename and its `latest` leaves one, and deleting `latest` must not start the stage
+    afresh over its checkpoints, which the new run's saves and pruning would delete); None when there is none."""
     marker = ckpt_dir / LATEST
     if not marker.is_file():
-        return None
+        complete = saved_steps(ckpt_dir) if ckpt_dir.is_dir() else {}
+        return list(complete.values())[-1] if complete else None
     path = ckpt_dir / marker.read_text().strip()
     if not (path / "meta.json").is_file():
         raise FileNotFoundError(f"{marker} points at {path}, which is not a complete checkpoint")
