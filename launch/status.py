@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 from launch.config import StageJob
 from launch.precompute import PrecomputeJob
-from train.checkpoint import latest_checkpoint
+from train.checkpoint import CheckpointUnreadable, latest_checkpoint
 from train.status import read_status, writer_gone
 
 COLUMNS = ("stage", "state", "step", "loss", "updated", "checkpoint", "job", "slurm")
@@ -31,7 +31,7 @@ def _checkpoint_step(run_dir) -> int | None:
     """The step a start would resume from (the latest complete checkpoint), None without one."""
     try:
         latest = latest_checkpoint(run_dir / "checkpoints")
-    except FileNotFoundError:
+    except CheckpointUnreadable:
         return None
     return None if latest is None else int(latest.name.removeprefix("step-"))
 

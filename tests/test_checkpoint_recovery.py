@@ -3,7 +3,13 @@ the latest checkpoint truncated. A start resumes from the newest complete checkp
 the command that goes back to the one before; it never starts the stage afresh over its checkpoints."""
 from __future__ import annotations
 
+import json
+import shutil
+
+import pytest
+
 from train import checkpoint as ckpt
+from train_helpers import in_process_trainer
 
 
 def _fake_step(ckpt_dir, step, complete=True):
@@ -21,3 +27,44 @@ def test_without_latest_the_newest_complete_checkpoint_is_resumed(tmp_path):
     _fake_step(tmp_path, 9, complete=False)
     (tmp_path / "step-12.tmp").mkdir()
     assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step-6"
+
+
+@pytest.mark.parametrize("content", ["", "step-9"])
+def test_latest_naming_no_checkpoint_says_which_to_name(tmp_path, content):
+    for step in (3, 6):
+        _fake_step(tmp_path, step)
+    (tmp_path / "latest").write_text(content)
+    with pytest.raises(ckpt.CheckpointUnreadable, match=rf"names '{content}', which is not a complete checkpoint.*"
+                                                        rf"echo step-6 > {tmp_path}/latest"):
+        ckpt.latest_checkpoint(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory, two_shards):
+    """A one-rank DDP run folder with complete checkpoints at steps 3 and 6 (`latest` step-6)."""
+    tmp = tmp_path_factory.mktemp("saved")
+    trainer = in_process_trainer(tmp, two_shards, "backend=ddp", "parallel.precision=fp32")
+    for step in (3, 6):
+        trainer.state.step = step
+        trainer.save()
+    return tmp / "run"
+
+
+@pytest.mark.parametrize("damaged", ["meta.json", "rank-0.pt", "engine/__0_0.distcp"])
+def test_a_truncated_file_stops_the_resume_naming_it_and_the_way_back(tmp_path, two_shards, saved_run, damaged):
+    shutil.copytree(saved_run, tmp_path / "run")
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    path = ckpt_dir / "step-6" / damaged
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ckpt.CheckpointUnreadable) as err:
+        in_process_trainer(tmp_path, two_shards, "backend=ddp", "parallel.precision=fp32")
+    message = str(err.value)
+    assert f"of checkpoint {ckpt_dir}/step-6" in message and damaged.split("/")[0] in message
+    back = f"mv {ckpt_dir}/step-6 {ckpt_dir}/broken-step-6 && echo step-3 > {ckpt_dir}/latest"
+    assert back in message
+
+    # Doing what it says resumes from step-3.
+    (ckpt_dir / "step-6").rename(ckpt_dir / "broken-step-6")
+    (ckpt_dir / "latest").write_text("step-3")
+    resumed = in_process_trainer(tmp_path, two_shards, "backend=ddp", "parallel.precision=fp32")
+    assert resumed.state.step == 3 and json.loads((ckpt_dir / "step-3" / "meta.json").read_text())["step"] == 3

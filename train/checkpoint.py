@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 from collections.abc import Iterator, Mapping
@@ -26,10 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from .distributed import barrier
 
 LATEST = "latest"
+# What reading a damaged file raises (DCP gathers every rank's into a CheckpointException, a BaseException).
+READ_ERRORS = (OSError, RuntimeError, EOFError, pickle.UnpicklingError, CheckpointException)
 
 
 @dataclass
@@ -49,6 +53,10 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class CheckpointUnreadable(RuntimeError):
+    """A checkpoint that cannot be resumed from: a file of it truncated or damaged, `latest` naming none."""
+
+
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     """The checkpoint a start resumes from: the one `latest` names; without `latest`, the newest complete one
     (a crash between a save's rename and its `latest` leaves one, and deleting `latest` must not start the stage
@@ -57,10 +65,35 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     if not marker.is_file():
         complete = saved_steps(ckpt_dir) if ckpt_dir.is_dir() else {}
         return list(complete.values())[-1] if complete else None
-    path = ckpt_dir / marker.read_text().strip()
-    if not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"{marker} points at {path}, which is not a complete checkpoint")
+    name = marker.read_text().strip()
+    path = ckpt_dir / name
+    if not name or not (path / "meta.json").is_file():
+        raise CheckpointUnreadable(f"{marker} names {name!r}, which is not a complete checkpoint (no meta.json). "
+                                   + _way_back(ckpt_dir, path if name else None))
     return path
+
+
+def _way_back(ckpt_dir: Path, broken: Path | None) -> str:
+    """What to do about a checkpoint that cannot be read: go back to the newest complete one before it."""
+    before = [p for p in saved_steps(ckpt_dir).values() if broken is None or
+              (p != broken and (not broken.name.startswith("step-") or _step_of(p) < _step_of(broken)))]
+    if not before:
+        return (f"No other complete checkpoint is in {ckpt_dir}: to start the stage afresh, move that folder aside "
+                "or give another run.dir")
+    back = before[-1]
+    aside = f"mv {broken} {ckpt_dir}/broken-{broken.name} && " if broken is not None and broken.is_dir() else ""
+    which = "the newest complete checkpoint" + (" before it" if broken is not None else "")
+    return f"To resume from {back.name}, {which}: {aside}echo {back.name} > {ckpt_dir / LATEST}"
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def _unreadable(path: Path, what: str, err: BaseException) -> CheckpointUnreadable:
+    return CheckpointUnreadable(f"cannot read {what} of checkpoint {path}: {type(err).__name__}: {err}\n"
+                                f"If it is damaged (a truncated copy, a node that crashed before its writes reached "
+                                f"the disk): {_way_back(path.parent, path)}")
 
 
 def rng_state() -> dict:
@@ -144,7 +177,10 @@ class SavedRanks:
     ema_layout: str  # Engine.ema_layout of the run that wrote them
 
     def load(self, rank: int, mmap: bool = False) -> dict:
-        return torch.load(self.path / f"rank-{rank}.pt", map_location="cpu", weights_only=False, mmap=mmap)
+        try:
+            return torch.load(self.path / f"rank-{rank}.pt", map_location="cpu", weights_only=False, mmap=mmap)
+        except READ_ERRORS as err:
+            raise _unreadable(self.path, f"rank-{rank}.pt", err) from err
 
     def load_all(self) -> list[dict]:
         """Every rank's, memory-mapped: a tensor is read only when used (under DDP each file holds a
@@ -186,21 +222,27 @@ def whole_ema(shadows: list[dict[str, torch.Tensor]], layout: str,
 def load_checkpoint(path: Path, engine, world_size: int) -> tuple[TrainState, SavedRanks]:
     """Loads model, optimiser and LR schedule into the engine (resharded if the world size changed) and
     returns the run's state and the checkpoint's per-rank files."""
-    meta = json.loads((path / "meta.json").read_text())
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as err:
+        raise _unreadable(path, "meta.json", err) from err
     saved = SavedRanks(path, meta["world_size"], meta.get("ema_layout", "unknown"))
     writer = meta.get("engine")
     if writer is not None and writer != engine.kind():
         raise RuntimeError(f"{path} was written by {writer}, this run is {engine.kind()}: a run resumes with the "
                            "backend (and ZeRO stage) it was written with. Set it back, or start a new stage from "
                            "its export (stage.init.from_checkpoint=<run.dir>/export).")
-    if saved.world_size == world_size:
-        engine.load(path / "engine")
-    elif writer is None:
+    if writer is None and saved.world_size != world_size:
         raise RuntimeError(f"{path} was written by {saved.world_size} ranks, this run has {world_size}, and it "
                            "predates resuming on another world size (its meta.json does not name its engine): "
                            f"resume with {saved.world_size} ranks")
-    else:
-        engine.load_resharded(path / "engine")
+    try:
+        if saved.world_size == world_size:
+            engine.load(path / "engine")
+        else:
+            engine.load_resharded(path / "engine")
+    except READ_ERRORS as err:
+        raise _unreadable(path, "engine/ (model, optimiser, LR schedule)", err) from err
     state = TrainState(step=meta["step"], samples_seen=meta["samples_seen"], wandb_run_id=meta["wandb_run_id"],
                        nonfinite_skipped=meta["nonfinite_skipped"], nonfinite_in_a_row=meta["nonfinite_in_a_row"],
                        last_loss=meta["last_loss"], extra=meta.get("extra", {}))
