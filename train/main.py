@@ -8,8 +8,6 @@ twice refused).
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import sys
 import typing
 from pathlib import Path
@@ -19,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from train.config import ConfigError, TrainConfig
-from train.overrides import argv_for_hydra
+from train.overrides import argv_for_hydra, not_in_schema, schema_child
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
@@ -32,17 +30,12 @@ def unknown_settings(node, schema: type, prefix: str = "") -> list[str]:
     hints = typing.get_type_hints(schema)
     found = []
     for key in node.keys():
-        name = f"{prefix}{key}"
         if key not in hints:
-            near = difflib.get_close_matches(str(key), list(hints), n=2, cutoff=0.5)
-            found.append(name + (f" (did you mean {' or '.join(prefix + n for n in near)}?)" if near else
-                                 f" ({prefix.rstrip('.') or 'the top level'} has {', '.join(hints)})"))
+            found.append(not_in_schema(str(key), schema, prefix))
             continue
-        child = hints[key]
-        child = next((a for a in typing.get_args(child) if dataclasses.is_dataclass(a)), child)  # Optional[X]
-        value = node[key] if OmegaConf.is_config(node) else None
-        if dataclasses.is_dataclass(child) and isinstance(value, DictConfig):
-            found += unknown_settings(value, child, f"{name}.")
+        child, value = schema_child(schema, key), node[key]
+        if child is not None and isinstance(value, DictConfig):
+            found += unknown_settings(value, child, f"{prefix}{key}.")
     return found
 
 

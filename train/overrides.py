@@ -55,22 +55,33 @@ def refuse_repeated(overrides: Sequence[str]) -> None:
             raise ConfigError(f"{key} is given {len(given)} times ({shown}), and Hydra would keep only the last: {fix}")
 
 
+def schema_child(schema: type, name: str):
+    """The dataclass `schema`'s setting `name` holds (Optional[X] unwrapped), or None where it holds a value or a
+    free-form map (cluster.env)."""
+    hint = typing.get_type_hints(schema)[name]
+    child = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)
+    return child if dataclasses.is_dataclass(child) else None
+
+
+def not_in_schema(name: str, schema: type, prefix: str = "") -> str:
+    """`prefix + name`, a setting `schema` does not have, with the nearest names it does (or all of them)."""
+    hints = list(typing.get_type_hints(schema))
+    near = difflib.get_close_matches(name, hints, n=2, cutoff=0.5)
+    return prefix + name + (f" (did you mean {' or '.join(prefix + n for n in near)}?)" if near else
+                            f" ({prefix.rstrip('.') or 'the top level'} has {', '.join(hints)})")
+
+
 def unknown_setting(key: str) -> str | None:
     """`key` (a plain override's, dotted) with the nearest names, where the schema (TrainConfig) has no such
     setting; None where it has, or where the path leaves the schema's dataclasses (a free-form map such as
     cluster.env, a value's own parts: Hydra and the composed config's check take it from there)."""
     schema, prefix = TrainConfig, ""
     for part in key.split("."):
-        hints = typing.get_type_hints(schema)
-        if part not in hints:
-            near = difflib.get_close_matches(part, list(hints), n=2, cutoff=0.5)
-            return prefix + part + (f" (did you mean {' or '.join(prefix + n for n in near)}?)" if near else
-                                    f" ({prefix.rstrip('.') or 'the top level'} has {', '.join(hints)})")
-        child = hints[part]
-        child = next((a for a in typing.get_args(child) if dataclasses.is_dataclass(a)), child)  # Optional[X]
-        if not dataclasses.is_dataclass(child):
+        if part not in typing.get_type_hints(schema):
+            return not_in_schema(part, schema, prefix)
+        schema, prefix = schema_child(schema, part), f"{prefix}{part}."
+        if schema is None:
             return None
-        schema, prefix = child, f"{prefix}{part}."
     return None
 
 
