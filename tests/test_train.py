@@ -187,6 +187,33 @@ def test_preemption_signal_checkpoints_and_asks_for_requeue(tmp_path, shards):
     assert status(run_dir)["state"] == "finished" and status(run_dir)["step"] == s["step"] + 2
 
 
+def test_preemption_signal_during_start_up_asks_for_requeue_on_every_rank(tmp_path, shards):
+    """The signal reaching rank 0 while it builds its models (after it took the run folder's lock): it used to die
+    of it (the signal's default action) and its peer then failed in a collective; where the signal found one rank
+    training and another still starting, the stage ended "failed", which the batch script does not requeue. Now
+    no step is trained and every rank exits 75."""
+    run_dir = tmp_path / "run"
+    cmd = torchrun_cmd(_overrides(shards, run_dir, "backend=ddp", "cluster.gpus_per_node=2"))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=train_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run_dir / "run.lock").is_file() and (run_dir / "run.lock").read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.01)
+        rank0 = next(w for w in _workers(proc) if w.environ().get("RANK") == "0")
+        rank0.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    s = status(run_dir)
+    assert s["state"] == "preempted" and s["step"] == 0, out[-3000:]
+    assert "pre-emption signal during start-up: nothing trained since step 0; exiting 75" in out
+    assert json.loads((run_dir / "last_exit.json").read_text())["exit_code"] == 75
+    assert not list((run_dir / "checkpoints").iterdir())
+
+
 @pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
 def test_nonfinite_loss_skips_the_update(tmp_path, shards, backend):
     run_dir = tmp_path / "skip"

@@ -18,7 +18,7 @@ from data.loader import ShardLoader
 from models.stable_diffusion import build_models
 from train import checkpoint as ckpt
 from train.config import TrainConfig, check_frozen_sources, check_shards_exist, loader_config, stage_seed, validate
-from train.distributed import DistEnv, barrier, init_distributed
+from train.distributed import DistEnv, all_reduce_sum_, barrier, init_distributed
 from train.ema import EMA
 from train.export import export_stage, load_stage_init
 from train.flops import (peak_tflops, text_encode_flops_per_caption, unet_train_flops_per_image,
@@ -239,13 +239,29 @@ class Trainer:
             flops += text_encode_flops_per_caption(sd.text)
         return flops
 
-    def train(self) -> int:
+    def _signalled_before_the_first_step(self, flag: PreemptionFlag) -> bool:
+        """Whether any rank got the pre-emption signal during start-up (one collective: every rank answers the
+        same, also where the others got it later, which then reaches the first step's vote)."""
+        signalled = torch.full((), float(flag.set), device=self.env.device)
+        all_reduce_sum_(signalled)
+        return bool(signalled.item() > 0)
+
+    def train(self, flag: PreemptionFlag | None = None) -> int:
+        """`flag`: the pre-emption flag, set up before start-up (run() does) so that a signal during start-up is
+        not the default action's death of one rank while the others train."""
         from train.meters import ThroughputMeter
         from train.progress import Progress, format_summary
 
         cfg, env, state = self.cfg, self.env, self.state
         total = state.extra["stage_start"] + cfg.stage.steps
-        flag = PreemptionFlag()
+        flag = flag or PreemptionFlag()
+        if self._signalled_before_the_first_step(flag):
+            self._status("preempted")
+            if env.is_main:
+                print(f"pre-emption signal during start-up: nothing trained since step {state.step}; exiting "
+                      f"{REQUEUE_EXIT_CODE} to be requeued", flush=True)
+            self.tracker.finish(REQUEUE_EXIT_CODE)
+            return REQUEUE_EXIT_CODE
         peak = peak_tflops(env.device, cfg.parallel.precision, cfg.cluster.gpu_name)
         meter = ThroughputMeter(env.world_size, self.flops_per_image, peak,
                                 encoder_flops_per_image=self.encoder_flops_per_image)
@@ -425,13 +441,16 @@ def run(cfg: TrainConfig, config_dict: dict) -> int:
         from train.export import export_checkpoint
 
         return export_checkpoint(cfg, env, config_dict)
+    # From here a pre-emption signal is a flag: one rank dying of it during start-up while the others trained
+    # ended the stage "failed" (so not requeued).
+    flag = PreemptionFlag()
     if env.is_main:
         check_shards_exist(cfg)  # before minutes of model building; one rank lists the folders
         check_frozen_sources(cfg)
         hold_run_dir(Path(cfg.run.dir))  # before anything is written there; the other ranks wait in a barrier
     trainer = Trainer(cfg, env, config_dict)
     try:
-        code = trainer.train()
+        code = trainer.train(flag)
     except Exception:
         trainer._status("failed")  # not left at "running" for `python -m launch status` and the chain
         raise
