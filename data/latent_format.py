@@ -12,7 +12,7 @@ A latent shard is a WebDataset tar, one sample per image, members:
 - `__uncond__.ctx.npy`: in every shard that has contexts, as its first member: CLIP("") with the
   same encoder. When caption dropout drops a caption the loader substitutes this, which is exactly
   what the text encoder would have produced for "" (SD's unconditional embedding). One copy per
-  shard (118 KiB) keeps each shard self-contained, also behind a `pipe:` URL.
+  shard (116 KiB) keeps each shard self-contained, also behind a `pipe:` URL.
 `.npy` rather than `.pth`: it loads without pickle, so a shard cannot run code.
 """
 from __future__ import annotations
