@@ -68,3 +68,35 @@ def test_a_truncated_file_stops_the_resume_naming_it_and_the_way_back(tmp_path, 
     (ckpt_dir / "latest").write_text("step-3")
     resumed = in_process_trainer(tmp_path, two_shards, "backend=ddp", "parallel.precision=fp32")
     assert resumed.state.step == 3 and json.loads((ckpt_dir / "step-3" / "meta.json").read_text())["step"] == 3
+
+
+class _FolderEngine:
+    """What save_checkpoint needs of an engine, writing an empty engine/ folder."""
+    ema_layout = "replicated"
+
+    def save(self, path):
+        path.mkdir()
+
+    def kind(self) -> str:
+        return "FolderEngine"
+
+
+def test_a_run_rolled_back_keeps_its_new_checkpoints(tmp_path):
+    """`latest` set back to a milestone (after a loss spike, say): the steps the run had trained past it counted as
+    the newest, so every new checkpoint was pruned as soon as it was written, `latest`'s own among them (reproduced
+    with mini_test: rolled back to step-3 and killed after step 5's checkpoint, the start found latest naming a
+    deleted step-5)."""
+    def save(step):
+        return ckpt.save_checkpoint(tmp_path, ckpt.TrainState(step=step), _FolderEngine(), {}, rank=0, world_size=1,
+                                    keep_last=2, keep_every=3)
+
+    for step in range(1, 10):
+        save(step)
+    assert sorted(ckpt.saved_steps(tmp_path)) == [3, 6, 8, 9]
+    (tmp_path / "latest").write_text("step-3")
+    for step in (4, 5):
+        save(step)
+        assert ckpt.latest_checkpoint(tmp_path) == tmp_path / f"step-{step}"
+    assert sorted(ckpt.saved_steps(tmp_path)) == [3, 4, 5, 6, 8, 9]
+    save(6)  # overwrites the old step-6; the pruning up to it as before
+    assert sorted(ckpt.saved_steps(tmp_path)) == [3, 5, 6, 8, 9]

@@ -205,7 +205,7 @@ def test_an_export_without_its_checkpoint_says_so_before_building_anything(tmp_p
     for step in (3, 6, 9, 12, 15):
         (tmp_path / "checkpoints" / f"step-{step}").mkdir(parents=True)
         (tmp_path / "checkpoints" / f"step-{step}" / "meta.json").write_text("{}")
-    _prune(tmp_path / "checkpoints", keep_last=2, keep_every=6)  # the newest two, and the multiples of 6
+    _prune(tmp_path / "checkpoints", keep_last=2, keep_every=6, saved_step=15)  # the newest two, the multiples of 6
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-12", "step-15", "step-6"]
     cfg = _compose("stage=mini_test", "stage.data.shards=x.tar", f"run.dir={tmp_path}", "checkpoint.export=9")
     with pytest.raises(ConfigError, match=r"checkpoint.export=9: no such checkpoint in .* \(steps there: 6, 12, 15\)"):

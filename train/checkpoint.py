@@ -144,7 +144,7 @@ def save_checkpoint(ckpt_dir: Path, state: TrainState, engine, rank_state: dict,
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_atomic(ckpt_dir / LATEST, final.name)
-        _prune(ckpt_dir, keep_last, keep_every)
+        _prune(ckpt_dir, keep_last, keep_every, state.step)
     barrier()
     return final
 
@@ -160,9 +160,13 @@ def saved_steps(ckpt_dir: Path) -> dict[int, Path]:
     return {step: p for step, p in _step_folders(ckpt_dir).items() if (p / "meta.json").is_file()}
 
 
-def _prune(ckpt_dir: Path, keep_last: int, keep_every: int = 0) -> None:
-    """All but the newest `keep_last`, except the milestones (steps that are multiples of `keep_every`)."""
-    for step, path in list(_step_folders(ckpt_dir).items())[:-keep_last]:
+def _prune(ckpt_dir: Path, keep_last: int, keep_every: int, saved_step: int) -> None:
+    """All but the newest `keep_last` up to the one just saved, except the milestones (steps that are multiples of
+    `keep_every`). Steps after it are left alone: they are what a run rolled back to an earlier checkpoint
+    (`latest` set back) had trained before, and counted as the newest they had every new checkpoint deleted as soon
+    as it was written, `latest` among them; the rolled-back run overwrites them as it reaches their steps."""
+    upto = [(step, path) for step, path in _step_folders(ckpt_dir).items() if step <= saved_step]
+    for step, path in upto[:-keep_last]:
         if not (keep_every and step % keep_every == 0):
             shutil.rmtree(path, ignore_errors=True)
     for stale in ckpt_dir.glob("step-*.tmp"):  # left by a crash mid-save
