@@ -29,7 +29,7 @@ def test_without_latest_the_newest_complete_checkpoint_is_resumed(tmp_path):
     assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step-6"
 
 
-@pytest.mark.parametrize("content", ["", "step-9"])
+@pytest.mark.parametrize("content", ["", "step-9", "step-"])
 def test_latest_naming_no_checkpoint_says_which_to_name(tmp_path, content):
     for step in (3, 6):
         _fake_step(tmp_path, step)
@@ -100,3 +100,19 @@ def test_a_run_rolled_back_keeps_its_new_checkpoints(tmp_path):
     assert sorted(ckpt.saved_steps(tmp_path)) == [3, 4, 5, 6, 8, 9]
     save(6)  # overwrites the old step-6; the pruning up to it as before
     assert sorted(ckpt.saved_steps(tmp_path)) == [3, 5, 6, 8, 9]
+
+
+def test_a_folder_set_aside_beside_the_checkpoints_is_left_alone(tmp_path):
+    """An operator's `mv step-6 step-6.bad`: every save after it stopped the run in the pruning (ValueError:
+    invalid literal for int(): '6.bad'), after `latest` had moved on (reproduced with mini_test)."""
+    def save(step):
+        return ckpt.save_checkpoint(tmp_path, ckpt.TrainState(step=step), _FolderEngine(), {}, rank=0, world_size=1,
+                                    keep_last=1)
+
+    save(3)
+    _fake_step(tmp_path, 6)
+    (tmp_path / "step-6").rename(tmp_path / "step-6.bad")
+    for step in (6, 9):
+        save(step)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-6.bad", "step-9"]
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step-9"

@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from .distributed import barrier
 
 LATEST = "latest"
+STEP_FOLDER = re.compile(r"step-(\d+)")
 # What reading a damaged file raises (DCP gathers every rank's into a CheckpointException, a BaseException).
 READ_ERRORS = (OSError, RuntimeError, EOFError, pickle.UnpicklingError, CheckpointException)
 
@@ -75,8 +77,8 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 def _way_back(ckpt_dir: Path, broken: Path | None) -> str:
     """What to do about a checkpoint that cannot be read: go back to the newest complete one before it."""
-    before = [p for p in saved_steps(ckpt_dir).values() if broken is None or
-              (p != broken and (not broken.name.startswith("step-") or _step_of(p) < _step_of(broken)))]
+    step = STEP_FOLDER.fullmatch(broken.name) if broken is not None else None
+    before = [p for n, p in saved_steps(ckpt_dir).items() if p != broken and (step is None or n < int(step[1]))]
     if not before:
         return (f"No other complete checkpoint is in {ckpt_dir}: to start the stage afresh, move that folder aside "
                 "or give another run.dir")
@@ -84,10 +86,6 @@ def _way_back(ckpt_dir: Path, broken: Path | None) -> str:
     aside = f"mv {broken} {ckpt_dir}/broken-{broken.name} && " if broken is not None and broken.is_dir() else ""
     which = "the newest complete checkpoint" + (" before it" if broken is not None else "")
     return f"To resume from {back.name}, {which}: {aside}echo {back.name} > {ckpt_dir / LATEST}"
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name.split("-")[1])
 
 
 def _unreadable(path: Path, what: str, err: BaseException) -> CheckpointUnreadable:
@@ -150,8 +148,10 @@ def save_checkpoint(ckpt_dir: Path, state: TrainState, engine, rank_state: dict,
 
 
 def _step_folders(ckpt_dir: Path) -> dict[int, Path]:
-    """The step-N folders in `ckpt_dir` by step, in order (not the .tmp ones of a save in progress)."""
-    found = {int(p.name.split("-")[1]): p for p in ckpt_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")}
+    """The step-N folders in `ckpt_dir` by step, in order: not the .tmp ones of a save in progress, nor any other
+    name (a folder an operator set aside as step-6.bad stopped every save after, in the pruning)."""
+    found = {int(match[1]): p for p in ckpt_dir.glob("step-*")
+             if (match := STEP_FOLDER.fullmatch(p.name)) and p.is_dir()}
     return dict(sorted(found.items()))
 
 
