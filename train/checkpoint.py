@@ -91,7 +91,8 @@ def _way_back(ckpt_dir: Path, broken: Path | None) -> str:
 def _unreadable(path: Path, what: str, err: BaseException) -> CheckpointUnreadable:
     return CheckpointUnreadable(f"cannot read {what} of checkpoint {path}: {type(err).__name__}: {err}\n"
                                 f"If it is damaged (a truncated copy, a node that crashed before its writes reached "
-                                f"the disk): {_way_back(path.parent, path)}")
+                                f"the disk; not a checkpoint that a run still training pruned while it was read): "
+                                f"{_way_back(path.parent, path)}")
 
 
 def rng_state() -> dict:
