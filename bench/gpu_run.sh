@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The GPU measurement (H100/H200). `bash bench/gpu_run.sh` alone is the performance issue's table, in
-# <= 8 minutes (a time budget skips, and says so, what does not fit): ours and diffusers'
-# UNet2DConditionModel, each at its best settings (bf16, SDPA, channels-last, compiled per block, no
-# activation checkpointing), at 512 and 256 px, micro-batches 8 (SD's 2048 over 256 GPUs) and 32:
+# The GPU measurement (H100/H200). `bash bench/gpu_run.sh` alone is the performance issue's table: ours and
+# diffusers' UNet2DConditionModel, each at its best settings (bf16, SDPA, channels-last, compiled per block,
+# no activation checkpointing), at 512 and 256 px, micro-batches 8 (SD's 2048 over 256 GPUs) and 32:
 # img/s, TFLOP/s, MFU, peak memory, ours / diffusers, and the largest micro-batch an 80 GB card holds
-# (a line through the b8 and b32 peaks).
+# (a line through the b8 and b32 peaks). Each configuration compiles first: on the H200 (2026-12-04) one took
+# ~2.3 min to build, compile and measure, so the table's 420 s budget measures 3 of its 8 and marks the rest
+# skipped. TABLE_LATENTS (default "$L512,$L256"), TABLE_BATCHES ("8,32") and TABLE_IMPLS ("ours,diffusers")
+# choose what one call measures, e.g. the rows 2026-12-04 did not reach:
+#   TABLE_LATENTS=32 PHASES="table trainer512" bash bench/gpu_run.sh
 # PHASES=all (or a list of names) adds the open questions' phases, in order (bench/RESULTS.md):
 #   attention: every attention call of the UNet at 256 and 512 (b32) under each SDPA kernel
 #      (bench/attention_step.py, seconds): is a pinned kernel (cuDNN for head dim 40?) faster than torch's choice;
@@ -52,8 +55,9 @@ fi
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
 B="python3 bench/unet_step.py --device $DEV --arch $ARCH --dtype bf16 --steps 5 --warmup 2"
 START=$SECONDS
-# 512 px first: what the budget cuts is the 256 px rows. Each configuration compiles (~1 min on an H200).
-want table && $B --latent "$L512,$L256" --batch 8,32 --impl ours,diffusers --compile yes --channels-last yes \
+# 512 px first: what the budget cuts is the 256 px rows. Each configuration compiles (~2 min on an H200).
+want table && $B --latent "${TABLE_LATENTS:-$L512,$L256}" --batch "${TABLE_BATCHES:-8,32}" \
+    --impl "${TABLE_IMPLS:-ours,diffusers}" --compile yes --channels-last yes \
     --budget-s 420 --out "$OUT/table"
 want attention && python3 bench/attention_step.py --device "$DEV" --arch "$ARCH" --latent "$L256,$L512" --batch 32 \
     --dtype bf16 --out "$OUT/attention"
