@@ -151,13 +151,15 @@ def _tokenizer():
     return CLIPTokenizer()
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    """SLURM sends SIGTERM to every process of a job it stops or requeues, loader workers included. A worker
+def _ignore_stop_signals(worker_id: int) -> None:
+    """SLURM sends SIGTERM to every process of a job it stops or requeues, loader workers included, and a
+    terminal's Ctrl-C (torchrun's agent passing it on, too) sends SIGINT to the whole process group. A worker
     that dies of it takes its rank down before the trainer can checkpoint; the trainer (their parent)
     handles the signal and shuts the workers down itself."""
     import signal
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -312,7 +314,7 @@ class ShardLoader:
         cfg = self.config
         loader = DataLoader(_StreamDataset(self), batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
                             prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
-                            timeout=cfg.timeout_s if cfg.num_workers else 0, worker_init_fn=_ignore_sigterm)
+                            timeout=cfg.timeout_s if cfg.num_workers else 0, worker_init_fn=_ignore_stop_signals)
         batches = iter(loader)
         try:
             for batch in batches:
@@ -328,7 +330,7 @@ class ShardLoader:
             self._iterating = False
             # Stop the workers here, when the iteration is closed, rather than when the iterator is collected:
             # after an exception the traceback keeps it alive until exit, and at exit multiprocessing sends
-            # its daemon workers SIGTERM, which they ignore (_ignore_sigterm), then joins them: forever.
+            # its daemon workers SIGTERM, which they ignore (_ignore_stop_signals), then joins them: forever.
             if hasattr(batches, "_shutdown_workers"):  # what the iterator's own __del__ calls
                 batches._shutdown_workers()
 

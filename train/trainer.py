@@ -162,11 +162,11 @@ class Trainer:
         return ckpt.save_checkpoint(self.ckpt_dir, self.state, self.engine, self._rank_state(), self.env.rank,
                                     self.env.world_size, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
 
-    def _status(self, state: str) -> None:
+    def _status(self, state: str, **extra) -> None:
         if self.env.is_main:
             write_status(self.run_dir, state, self.state.step, self.state.extra["stage_start"] + self.cfg.stage.steps,
                          self.state.last_loss,
-                         samples_seen=self.state.samples_seen)
+                         samples_seen=self.state.samples_seen, **extra)
 
     # -- the loop --------------------------------------------------------------------------------
     def _update_ema(self, skipped: torch.Tensor) -> None:
@@ -443,7 +443,7 @@ def run(cfg: TrainConfig, config_dict: dict) -> int:
         return export_checkpoint(cfg, env, config_dict)
     # From here a pre-emption signal is a flag: one rank dying of it during start-up while the others trained
     # ended the stage "failed" (so not requeued).
-    flag = PreemptionFlag()
+    flag = PreemptionFlag(announce=env.is_main)
     if env.is_main:
         check_shards_exist(cfg)  # before minutes of model building; one rank lists the folders
         check_frozen_sources(cfg)
@@ -451,8 +451,9 @@ def run(cfg: TrainConfig, config_dict: dict) -> int:
     trainer = Trainer(cfg, env, config_dict)
     try:
         code = trainer.train(flag)
-    except Exception:
-        trainer._status("failed")  # not left at "running" for `python -m launch status` and the chain
+    except (Exception, KeyboardInterrupt) as err:  # KeyboardInterrupt: a second Ctrl-C (train/signals.py)
+        # Not left at "running" for `python -m launch status` and the chain; `error` says what ended it.
+        trainer._status("failed", error=type(err).__name__)
         raise
     finally:
         trainer.stop_loader()
