@@ -4,6 +4,7 @@ the command that goes back to the one before; it never starts the stage afresh o
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -116,3 +117,40 @@ def test_a_folder_set_aside_beside_the_checkpoints_is_left_alone(tmp_path):
         save(step)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-6.bad", "step-9"]
     assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step-9"
+
+
+class _FileEngine(_FolderEngine):
+    """Writes one file in engine/, as DCP and DeepSpeed write theirs."""
+
+    def save(self, path):
+        path.mkdir()
+        (path / "__0_0.distcp").write_bytes(b"weights")
+
+
+def test_a_checkpoint_is_on_the_disk_before_its_rename_and_latest_commit_it(tmp_path, monkeypatch):
+    """Without fsync, a crash or power loss just after the renames could leave `latest` naming a folder whose
+    files never reached the disk (the renames are written out on their own schedule, not after the data)."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    ckpt.save_checkpoint(tmp_path, ckpt.TrainState(step=3), _FileEngine(), {"rng": 1}, rank=0, world_size=1,
+                         keep_last=2)
+    tmp, final, latest = tmp_path / "step-3.tmp", tmp_path / "step-3", tmp_path / "latest"
+    commit = events.index(("replace", str(tmp), str(final)))
+    point = events.index(("replace", f"{latest}.tmp", str(latest)))
+    synced_before = {path for kind, path, *_ in events[:commit] if kind == "fsync"}
+    written = {str(tmp / p.relative_to(final)) for p in final.rglob("*")} | {str(tmp)}
+    assert written == {str(tmp / n) for n in ("engine", "engine/__0_0.distcp", "rank-0.pt", "meta.json")} | {str(tmp)}
+    assert written <= synced_before, written - synced_before
+    assert ("fsync", str(tmp_path)) in events[commit:point]  # the rename itself, before `latest` names it
+    assert ("fsync", f"{latest}.tmp") in events[commit:point]
+    assert events[point + 1:] == [("fsync", str(tmp_path))]

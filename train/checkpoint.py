@@ -15,6 +15,7 @@ checkpoint as the latest valid one.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -49,10 +50,39 @@ class TrainState:
     extra: dict = field(default_factory=dict)
 
 
+def _fsync(path: Path) -> None:
+    """`path`'s data (a file) or entries (a folder) on the disk, not only in this node's page cache: a rename is
+    written out on its own schedule, and after a crash or power loss it could point at data that never was."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if not (err.errno == errno.EINVAL and path.is_dir()):  # some file systems cannot sync a folder
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file and folder under `root`. Rank 0 syncs what all ranks wrote (they have closed their files by the
+    barrier): on a local disk that is the page cache they share; NFS clients write a file out when it is closed."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder))
+
+
+def _replace_durably(src: Path, dst: Path) -> None:
+    """os.replace, and the folder's new entry on the disk (what `src` holds must be synced before)."""
+    os.replace(src, dst)
+    _fsync(dst.parent)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
-    os.replace(tmp, path)
+    _fsync(tmp)
+    _replace_durably(tmp, path)
 
 
 class CheckpointUnreadable(RuntimeError):
@@ -140,8 +170,9 @@ def save_checkpoint(ckpt_dir: Path, state: TrainState, engine, rank_state: dict,
                 "last_loss": state.last_loss, "world_size": world_size, "engine": engine.kind(),
                 "ema_layout": engine.ema_layout, "extra": state.extra}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        _fsync_tree(tmp)  # on the disk before the rename makes it a checkpoint, and `latest` points at it
         shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        _replace_durably(tmp, final)
         _write_atomic(ckpt_dir / LATEST, final.name)
         _prune(ckpt_dir, keep_last, keep_every, state.step)
     barrier()
