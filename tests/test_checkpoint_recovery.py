@@ -154,3 +154,30 @@ def test_a_checkpoint_is_on_the_disk_before_its_rename_and_latest_commit_it(tmp_
     assert ("fsync", str(tmp_path)) in events[commit:point]  # the rename itself, before `latest` names it
     assert ("fsync", f"{latest}.tmp") in events[commit:point]
     assert events[point + 1:] == [("fsync", str(tmp_path))]
+
+
+def test_a_crash_while_pruning_leaves_no_folder_that_looks_complete(tmp_path, monkeypatch):
+    """Pruning deleted a folder in whatever order the file system listed it: a crash midway could leave meta.json
+    (what makes a folder a complete checkpoint) beside half its files, and a start without `latest`, a way back
+    offered after an unreadable checkpoint, or an export of that step would then take the broken folder."""
+    def save(step):
+        return ckpt.save_checkpoint(tmp_path, ckpt.TrainState(step=step), _FileEngine(), {}, rank=0, world_size=1,
+                                    keep_last=1)
+
+    save(3)
+    for n in range(1, 8):  # more files: the listing puts meta.json in the middle, not first
+        (tmp_path / "step-3" / "engine" / f"__{n}_0.distcp").write_bytes(b"weights")
+    real_unlink, deleted = os.unlink, []
+
+    def unlink_then_crash(path, *args, **kwargs):
+        real_unlink(path, *args, **kwargs)
+        deleted.append(path)
+        if len(deleted) == 2:
+            raise KeyboardInterrupt("the job killed mid-pruning")
+
+    monkeypatch.setattr(os, "unlink", unlink_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        save(6)
+    monkeypatch.undo()
+    assert (tmp_path / "step-3").is_dir() and len(list((tmp_path / "step-3").rglob("*"))) > 1  # half deleted
+    assert sorted(ckpt.saved_steps(tmp_path)) == [6]

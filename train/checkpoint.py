@@ -200,9 +200,17 @@ def _prune(ckpt_dir: Path, keep_last: int, keep_every: int, saved_step: int) -> 
     upto = [(step, path) for step, path in _step_folders(ckpt_dir).items() if step <= saved_step]
     for step, path in upto[:-keep_last]:
         if not (keep_every and step % keep_every == 0):
-            shutil.rmtree(path, ignore_errors=True)
+            _delete_checkpoint(path)
     for stale in ckpt_dir.glob("step-*.tmp"):  # left by a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _delete_checkpoint(path: Path) -> None:
+    """meta.json first, and on the disk, then the rest: a crash midway leaves a folder that is not a complete
+    checkpoint, rather than one that says it is and lacks files (a start without `latest` would resume from it)."""
+    (path / "meta.json").unlink(missing_ok=True)
+    _fsync(path)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass(frozen=True)
