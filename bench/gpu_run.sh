@@ -16,9 +16,10 @@
 #      the encoder's own (give it as tools/plan_cost --vae-img-per-s), and bf16 / fp32 is what precompute's
 #      --dtype bfloat16 saves;
 #   trainer512: the trainer's own step (Trainer.optimizer_step: vote, fused AdamW skip, EMA, one-step-late read)
-#      at 512/b32 compiled + channels-last, DDP and FSDP2 (one rank), under
+#      at 512 px compiled + channels-last, DDP and FSDP2 (one rank), under
 #      torch.cuda.set_sync_debug_mode("error"): proves the step has no host sync, and gives trainer /
-#      bare-UNet-step throughput;
+#      bare-UNet-step throughput; TRAINER_BATCH images (default 8: what the SD stages run per GPU, where a
+#      93 ms step has the least room to hide host work; the table's bare b8 row is the same step);
 #   profile512: where the compiled 512/b32 step's device time goes, ours and diffusers (bench/profile_step.py);
 #   pinned512: if phase attention found a pinned kernel > 3% faster: the compiled 512/b32 step with it, ours
 #      then diffusers (the same kernel pinned around its forward);
@@ -63,8 +64,8 @@ want attention && python3 bench/attention_step.py --device "$DEV" --arch "$ARCH"
     --dtype bf16 --out "$OUT/attention"
 want vae && python3 bench/vae_encode.py --device "$DEV" --arch "$ARCH" --resolution "$((L256 * 8)),$((L512 * 8))" \
     --batch 32,64 --dtype bf16,fp32 --out "$OUT/vae"
-want trainer512 && python3 bench/trainer_step.py --device "$DEV" --arch "$ARCH" --latent "$L512" --batch 32 --compile \
-    --channels-last --backend ddp,fsdp --steps 5 --warmup 3 --out "$OUT/trainer512"
+want trainer512 && python3 bench/trainer_step.py --device "$DEV" --arch "$ARCH" --latent "$L512" --batch "${TRAINER_BATCH:-8}" \
+    --compile --channels-last --backend ddp,fsdp --steps 5 --warmup 3 --out "$OUT/trainer512"
 want profile512 && $B --latent "$L512" --batch 32 --impl ours,diffusers --compile yes --channels-last yes --profile \
     --budget-s 100 --out "$OUT/profile512"
 if want pinned512; then
