@@ -7,7 +7,7 @@
 # ~2.3 min to build, compile and measure, so the table's 420 s budget measures 3 of its 8 and marks the rest
 # skipped. TABLE_LATENTS (default "$L512,$L256"), TABLE_BATCHES ("8,32") and TABLE_IMPLS ("ours,diffusers")
 # choose what one call measures, e.g. the rows 2026-12-04 did not reach:
-#   TABLE_LATENTS=32 PHASES="table trainer512" bash bench/gpu_run.sh
+#   TABLE_LATENTS=32 TABLE_BATCHES=8 PHASES="table trainer512" bash bench/gpu_run.sh
 # PHASES=all (or a list of names) adds the open questions' phases, in order (bench/RESULTS.md):
 #   attention: every attention call of the UNet at 256 and 512 (b32) under each SDPA kernel
 #      (bench/attention_step.py, seconds): is a pinned kernel (cuDNN for head dim 40?) faster than torch's choice;
@@ -56,7 +56,7 @@ fi
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
 B="python3 bench/unet_step.py --device $DEV --arch $ARCH --dtype bf16 --steps 5 --warmup 2"
 START=$SECONDS
-# 512 px first: what the budget cuts is the 256 px rows. Each configuration compiles (~2 min on an H200).
+# 512 px first: what the budget cuts is the 256 px rows (each configuration compiles first: see the top).
 want table && $B --latent "${TABLE_LATENTS:-$L512,$L256}" --batch "${TABLE_BATCHES:-8,32}" \
     --impl "${TABLE_IMPLS:-ours,diffusers}" --compile yes --channels-last yes \
     --budget-s 420 --out "$OUT/table"
