@@ -99,7 +99,11 @@ def measure_trainer(res: TrainerResult, args, flops_per_img: float, peak: float 
 
     cuda = args.device == "cuda"
     with tempfile.TemporaryDirectory() as tmp:
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        start = time.perf_counter()
         trainer = build_trainer(args, res.backend, res.latent, res.batch, Path(tmp))
+        sync()
+        res.build_s = time.perf_counter() - start
         batch = synthetic_batch(trainer, res.latent, res.batch)
         counters = StepCounters(trainer.env.device)
         encode_autocast = (torch.autocast(trainer.env.device.type, dtype=trainer.engine.dtype)
@@ -125,7 +129,11 @@ def measure_trainer(res: TrainerResult, args, flops_per_img: float, peak: float 
 
         try:
             # Warm-up steps (compilation, lazy optimiser state) run without the sync check.
-            per_step = time_steps(lambda: step(check_syncs=cuda), args.steps, args.warmup, args.device,
+            start = time.perf_counter()
+            step(check_syncs=False)  # the first warm-up step, timed on its own: it compiles
+            sync()
+            res.first_step_s = time.perf_counter() - start
+            per_step = time_steps(lambda: step(check_syncs=cuda), args.steps, max(args.warmup - 1, 0), args.device,
                                   warmup_step=lambda: step(check_syncs=False))
             res.syncs = "none" if cuda else res.syncs
         except RuntimeError as err:

@@ -66,6 +66,11 @@ class Result(StepRates):
     ac: str
     compile_mode: str = "default"
     attention: str = "sdpa"  # models/attention.py backend; diffusers runs under the same pinned SDPA kernel
+    # Where a row's wall time goes besides the timed steps: building the model on the device, and the first
+    # step (compiling, when compiled). On the H200 a compiled row took ~2.3 min in all (2026-12-04), which
+    # decides how many rows one device call can measure.
+    build_s: float = float("nan")
+    first_step_s: float = float("nan")
 
     def setting(self) -> tuple:
         """What was run, but for the implementation and the micro-batch: rows compared or fitted together."""
@@ -156,8 +161,12 @@ def measure(res: Result, cfg: configs.UNetConfig, device: str, steps: int, warmu
     """Times `steps` steps after `warmup`; `profile_to`: then profiles 2 more and appends the breakdown
     by kernel kind (bench/profile_step.py) to that Markdown file."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[res.dtype]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    start = time.perf_counter()
     model, forward = build(res.impl, cfg, device, res.channels_last, res.compile, res.ac, res.compile_mode,
                            res.attention)
+    sync()
+    res.build_s = time.perf_counter() - start
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01,
                             **({"fused": True} if device == "cuda" else {}))
     gen = torch.Generator(device).manual_seed(0)
@@ -177,7 +186,11 @@ def measure(res: Result, cfg: configs.UNetConfig, device: str, steps: int, warmu
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    res.record_rates(time_steps(step, steps, warmup, device), flops_per_img, peak, device)
+    start = time.perf_counter()
+    step()  # the first of the warm-up steps, timed on its own: it compiles
+    sync()
+    res.first_step_s = time.perf_counter() - start
+    res.record_rates(time_steps(step, steps, max(warmup - 1, 0), device), flops_per_img, peak, device)
     if profile_to is not None:
         from bench.profile_step import profile_step, to_markdown
 
@@ -311,6 +324,8 @@ def main(argv=None) -> int:
                                 torch.cuda.empty_cache()
                     results.append(res)
                     print(table([res]).splitlines()[-1], flush=True)
+                    if res.status == "ok":
+                        print(f"  (build {res.build_s:.1f} s, first step {res.first_step_s:.1f} s)", flush=True)
                     (args.out / "unet_step.json").write_text(json.dumps(
                         {"device": name, "peak_tflops": peak, "torch": torch.__version__,
                          "results": [asdict(r) for r in results]}, indent=1))

@@ -25,6 +25,7 @@ def test_unet_step_bench_measures_ours_and_diffusers(tmp_path):
     assert {(r["impl"], r["channels_last"]) for r in results} == {(i, c) for i in ("ours", "diffusers")
                                                                    for c in (False, True)}
     assert all(r["status"] == "ok" and math.isfinite(r["img_per_s"]) for r in results), results
+    assert all(r["build_s"] > 0 and r["first_step_s"] > 0 for r in results), results  # where a row's time goes
     assert "ours/diffusers" in (tmp_path / "unet_step.md").read_text()
     profile = (tmp_path / "profile.md").read_text()  # one breakdown per measured row
     assert profile.count("### ") == 4 and "| convolution |" in profile and "| attention |" in profile
@@ -35,6 +36,7 @@ def test_trainer_step_bench_runs_the_trainers_step(tmp_path):
     rows = json.loads((tmp_path / "trainer_step.json").read_text())["rows"]
     assert [r["backend"] for r in rows] == ["ddp", "fsdp"] and all(r["status"] == "ok" for r in rows), rows
     assert all(math.isfinite(r["img_per_s"]) and math.isfinite(r["bare_img_per_s"]) for r in rows)
+    assert all(r["build_s"] > 0 and r["first_step_s"] > 0 for r in rows), rows
     # The sync check needs CUDA (tests/test_step_sync.py covers the CPU's equivalent).
     assert all(r["syncs"] == "not checked (CPU)" for r in rows)
 
