@@ -11,7 +11,7 @@ import time
 import pytest
 
 from train.run_lock import RunDirInUse, hold_run_dir, release_run_dir
-from train_helpers import REPO, status, train_env
+from train_helpers import REPO, free_port, status, train_env
 from test_train import shards  # noqa: F401 - the module's synthetic shards
 
 
@@ -67,3 +67,30 @@ def test_a_second_run_in_a_running_runs_folder_stops_before_writing(tmp_path, sh
     finally:
         first.kill()
         first.communicate()
+
+
+@pytest.mark.parametrize("refusal", ["run folder in use", "shards missing"])
+def test_a_start_rank_0_refuses_stops_every_rank_with_the_reason_once(tmp_path, shards, refusal):
+    """Two ranks under torchrun. Rank 0 alone checks the shards and takes the lock; rank 1 used to wait in a
+    collective for it and die of the broken connection, its traceback hiding the reason. Now every rank ends
+    with rank 0's exit code 2 and the reason is printed once; the live run's folder and log stay as they were."""
+    run_dir = tmp_path / "run"
+    holder = hold_run_dir(run_dir) if refusal == "run folder in use" else None  # the live run: this process
+    log = run_dir / "hydra" / "main.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("the live run's log\n")
+    data = shards if holder is not None else f"stage.data.shards='{tmp_path}/none/{{00000..00003}}.tar'"
+    # The agent looks at its workers every 2 s: both ranks have ended by then, so each one's own exit code shows.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+           "--monitor-interval=2", "-m", "train", data, f"run.dir={run_dir}", "backend=ddp",
+           "parallel.precision=fp32", "cluster.gpus_per_node=2", "stage.global_batch=4"]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=train_env(tmp_path), capture_output=True, text=True, timeout=300)
+    finally:
+        if holder is not None:
+            release_run_dir(holder)
+    reason = "is in use by another training run" if holder is not None else "shards are not there"
+    assert proc.returncode != 0 and proc.stdout.count(reason) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.count("exitcode  : 2 ") == 2 and "RuntimeError" not in proc.stderr, proc.stderr[-4000:]
+    assert log.read_text() == "the live run's log\n"
+    assert sorted(p.name for p in run_dir.iterdir()) == (["hydra", "run.lock"] if holder is not None else ["hydra"])

@@ -65,6 +65,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def from_rank_zero(value):
+    """Rank 0's `value` (any picklable object) on every rank; `value` itself without a process group."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
 def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     """In place (a no-op without a process group); on NCCL the collective is queued on the stream like
     a kernel, so the host does not wait for it."""

@@ -56,7 +56,7 @@ def to_dataclass(cfg: DictConfig) -> TrainConfig:
 def train_stage(cfg: DictConfig) -> None:
     from train.distributed import shutdown
     from train.run_lock import RunDirInUse
-    from train.trainer import run
+    from train.trainer import RefusedOnRankZero, run
 
     try:
         typed = to_dataclass(cfg)
@@ -66,6 +66,8 @@ def train_stage(cfg: DictConfig) -> None:
         shutdown(2)
     except RunDirInUse as err:
         print(f"run folder in use: {err}", flush=True)
+        shutdown(2)
+    except RefusedOnRankZero:  # rank 0 printed why
         shutdown(2)
     shutdown(code)
 
