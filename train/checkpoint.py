@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from .distributed import barrier
+from .disk_space import bytes_under, check_room, explain_write_failure
+from .distributed import StoppedOnRankZero, barrier, on_rank_zero
 
 LATEST = "latest"
 STEP_FOLDER = re.compile(r"step-(\d+)")
@@ -157,12 +158,19 @@ def save_checkpoint(ckpt_dir: Path, state: TrainState, engine, rank_state: dict,
     """Every rank calls this. Returns the final folder."""
     final = ckpt_dir / f"step-{state.step}"
     tmp = ckpt_dir / f"step-{state.step}.tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    engine.save(tmp / "engine")
-    torch.save(rank_state, tmp / f"rank-{rank}.pt")
+    on_rank_zero(lambda: _make_room(ckpt_dir, tmp))
+    try:
+        engine.save(tmp / "engine")
+        torch.save(rank_state, tmp / f"rank-{rank}.pt")
+    except (OSError, RuntimeError, CheckpointException) as err:
+        full = explain_write_failure(err, ckpt_dir, f"checkpoint {final.name}", _after_no_room(ckpt_dir))
+        if full is None:
+            raise
+        if rank == 0:  # the partial folder's room, for the run's status and logs
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif isinstance(err, CheckpointException):  # DCP raised it on every rank: rank 0 says it once
+            raise StoppedOnRankZero(type(full).__name__) from err
+        raise full from err
     barrier()
     if rank == 0:
         meta = {"step": state.step, "samples_seen": state.samples_seen, "wandb_run_id": state.wandb_run_id,
@@ -177,6 +185,28 @@ def save_checkpoint(ckpt_dir: Path, state: TrainState, engine, rank_state: dict,
         _prune(ckpt_dir, keep_last, keep_every, state.step)
     barrier()
     return final
+
+
+def _make_room(ckpt_dir: Path, tmp: Path) -> None:
+    """Before a save: the folders of saves that never finished go (a crash or a full disk mid-save left them),
+    and the disk must have room for one more checkpoint, as large as the newest one (the older ones are pruned
+    only once it is complete); then the empty `tmp`."""
+    for stale in ckpt_dir.glob("step-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    previous = list(saved_steps(ckpt_dir).values())
+    if previous:
+        check_room(ckpt_dir, bytes_under(previous[-1]), f"checkpoint {tmp.name.removesuffix('.tmp')}",
+                   _after_no_room(ckpt_dir))
+    tmp.mkdir(parents=True)
+
+
+def _after_no_room(ckpt_dir: Path) -> str:
+    """What a run stopped by a full disk leaves, and how to go on."""
+    latest = ckpt_dir / LATEST
+    before = (f"The checkpoints saved before are as they were: a restart resumes from {latest.read_text().strip()}, "
+              "which `latest` names." if latest.is_file() else "No checkpoint was saved before it.")
+    return (f"{before} Make room (keep fewer checkpoints: checkpoint.keep_last, checkpoint.keep_every; or move old "
+            "ones away) and start the run again.")
 
 
 def _step_folders(ckpt_dir: Path) -> dict[int, Path]:
@@ -201,8 +231,6 @@ def _prune(ckpt_dir: Path, keep_last: int, keep_every: int, saved_step: int) -> 
     for step, path in upto[:-keep_last]:
         if not (keep_every and step % keep_every == 0):
             _delete_checkpoint(path)
-    for stale in ckpt_dir.glob("step-*.tmp"):  # left by a crash mid-save
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _delete_checkpoint(path: Path) -> None:

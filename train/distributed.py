@@ -65,6 +65,33 @@ def barrier() -> None:
         dist.barrier()
 
 
+class StoppedOnRankZero(Exception):
+    """Raised on the other ranks when what rank 0 did alone (see `on_rank_zero`) raised; rank 0 says why.
+    `kind`: the name of rank 0's exception class."""
+
+    def __init__(self, kind: str):
+        super().__init__(f"rank 0 stopped ({kind})")
+        self.kind = kind
+
+
+def on_rank_zero(work) -> None:
+    """`work()` on rank 0 alone, every rank learning whether it raised: rank 0 raises its error, the others
+    StoppedOnRankZero. Otherwise they would wait in their next collective for a rank that had gone, and die
+    of the broken connection with a traceback that hides the reason (or, on other nodes, wait out the process
+    group's timeout). A collective itself: every rank calls it, and none goes on before rank 0 is done."""
+    error = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            work()
+        except Exception as err:  # noqa: BLE001 - raised again below, once the other ranks know
+            error = err
+    kind = from_rank_zero(type(error).__name__ if error is not None else None)
+    if error is not None:
+        raise error
+    if kind is not None:
+        raise StoppedOnRankZero(kind)
+
+
 def from_rank_zero(value):
     """Rank 0's `value` (any picklable object) on every rank; `value` itself without a process group."""
     if dist.is_initialized() and dist.get_world_size() > 1:

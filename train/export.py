@@ -19,6 +19,7 @@ from models.adapters.keys import load_strict
 from models.pretrained_parts import text_encoder_state_dict, vae_state_dict
 from models.stable_diffusion import load_ldm_checkpoint
 from train.config import ConfigError
+from train.disk_space import check_room, explain_write_failure
 
 EXPORT_FILE = "model.ckpt"
 EXPORT_RECORD = "export.json"  # beside it: the step, the model.arch and the stage that wrote it
@@ -127,8 +128,21 @@ def export_stage(trainer, out_dir: Path, checkpoint: Path | None = None) -> Path
     sd = ldm.join_state_dict(weights, position_ids=trainer.sd_cfg.text.max_position_embeddings)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    what = f"the export {out_dir / EXPORT_FILE}"
+    advice = ("Make room and run the export again." if checkpoint is not None else
+              "The stage's training is done and its last checkpoint saved: make room and start the run again with "
+              "the same settings; it resumes at its last step and writes the export.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    check_room(out_dir.parent, sum(t.numel() * t.element_size() for t in sd.values()), what, advice)
     tmp.mkdir(parents=True)
-    ldm.write_checkpoint(tmp / EXPORT_FILE, sd, trainer.state.step)
+    try:
+        ldm.write_checkpoint(tmp / EXPORT_FILE, sd, trainer.state.step)
+    except (OSError, RuntimeError) as err:
+        full = explain_write_failure(err, out_dir.parent, what, advice)  # while the partial file fills the disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from err
+        raise
     record = {"step": trainer.state.step, "arch": trainer.cfg.model.arch, "stage": trainer.cfg.stage.name}
     if checkpoint is not None:
         record["checkpoint"] = str(checkpoint)

@@ -54,9 +54,10 @@ def to_dataclass(cfg: DictConfig) -> TrainConfig:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def train_stage(cfg: DictConfig) -> None:
-    from train.distributed import shutdown
+    from train.disk_space import DiskFull
+    from train.distributed import StoppedOnRankZero, shutdown
     from train.run_lock import RunDirInUse
-    from train.trainer import RefusedOnRankZero, run
+    from train.trainer import run
 
     try:
         typed = to_dataclass(cfg)
@@ -67,8 +68,11 @@ def train_stage(cfg: DictConfig) -> None:
     except RunDirInUse as err:
         print(f"run folder in use: {err}", flush=True)
         shutdown(2)
-    except RefusedOnRankZero:  # rank 0 printed why
-        shutdown(2)
+    except DiskFull as err:  # the run's status says failed; its last checkpoint is as it was
+        print(f"disk full: {err.strerror}", flush=True)
+        shutdown(1)
+    except StoppedOnRankZero as err:  # rank 0 says why; the same exit code as rank 0's
+        shutdown(2 if err.kind in ("ConfigError", "RunDirInUse") else 1)
     shutdown(code)
 
 

@@ -18,7 +18,7 @@ from data.loader import ShardLoader
 from models.stable_diffusion import build_models
 from train import checkpoint as ckpt
 from train.config import TrainConfig, check_frozen_sources, check_shards_exist, loader_config, stage_seed, validate
-from train.distributed import DistEnv, all_reduce_sum_, barrier, from_rank_zero, init_distributed
+from train.distributed import DistEnv, all_reduce_sum_, barrier, init_distributed, on_rank_zero
 from train.ema import EMA
 from train.export import export_stage, load_stage_init
 from train.flops import (peak_tflops, text_encode_flops_per_caption, unet_train_flops_per_image,
@@ -435,29 +435,12 @@ class Trainer:
         self.tracker.log_images("samples", images.cpu(), prompts, self.state.step)
 
 
-class RefusedOnRankZero(Exception):
-    """Raised on the other ranks when rank 0's start-up checks refused the run; rank 0 raises (and says) why."""
-
-
-def start_checks(cfg: TrainConfig, env: DistEnv) -> None:
-    """Rank 0's checks before minutes of model building: the shards and frozen sources are there (one rank
-    lists the folders), and the run folder's lock, taken before anything is written there. Every rank learns
-    the outcome: when rank 0 alone stopped, the others waited in a collective for it and died of the broken
-    connection, each with a traceback that hid the reason, and ranks on other nodes could wait out the
-    process group's timeout."""
-    refusal = None
-    if env.is_main:
-        try:
-            check_shards_exist(cfg)
-            check_frozen_sources(cfg)
-            hold_run_dir(Path(cfg.run.dir))
-        except Exception as err:  # noqa: BLE001 - raised again below, once the other ranks know
-            refusal = err
-    refused = from_rank_zero(refusal is not None)
-    if refusal is not None:
-        raise refusal
-    if refused:
-        raise RefusedOnRankZero()
+def start_checks(cfg: TrainConfig) -> None:
+    """Before minutes of model building, on rank 0 (one rank lists the folders): the shards and frozen sources
+    are there, and the run folder's lock, taken before anything is written there."""
+    check_shards_exist(cfg)
+    check_frozen_sources(cfg)
+    hold_run_dir(Path(cfg.run.dir))
 
 
 def run(cfg: TrainConfig, config_dict: dict) -> int:
@@ -469,13 +452,16 @@ def run(cfg: TrainConfig, config_dict: dict) -> int:
     # From here a pre-emption signal is a flag: one rank dying of it during start-up while the others trained
     # ended the stage "failed" (so not requeued).
     flag = PreemptionFlag(announce=env.is_main)
-    start_checks(cfg, env)
+    on_rank_zero(lambda: start_checks(cfg))
     trainer = Trainer(cfg, env, config_dict)
     try:
         code = trainer.train(flag)
     except (Exception, KeyboardInterrupt) as err:  # KeyboardInterrupt: a second Ctrl-C (train/signals.py)
         # Not left at "running" for `python -m launch status` and the chain; `error` says what ended it.
-        trainer._status("failed", error=type(err).__name__)
+        try:
+            trainer._status("failed", error=type(err).__name__)
+        except OSError as status_err:  # a full disk, say: what ended the run is raised below, not this
+            print(f"warning: the run's failure is not in status.json ({status_err})", flush=True)
         raise
     finally:
         trainer.stop_loader()

@@ -1,0 +1,110 @@
+"""A full disk stops a save with what it needs and has, before writing where it can tell (and by name where it
+cannot), and the checkpoints saved before stay as they were. The disk here is simulated: a fixed capacity less
+what the folder holds, with the engine's files sparse (large by their size, nothing on the real disk)."""
+from __future__ import annotations
+
+import errno
+from collections import namedtuple
+
+import pytest
+
+from train import checkpoint as ckpt
+from train import disk_space
+from train.disk_space import DiskFull, bytes_under
+from train_helpers import in_process_trainer
+
+MB = 10**6
+Usage = namedtuple("Usage", "total used free")
+
+
+class _SparseEngine:
+    """Writes one engine file of `size` bytes (sparse), or fails as a full disk made torch.save fail in CI."""
+    ema_layout = "replicated"
+
+    def __init__(self, size: int, fail: bool = False):
+        self.size, self.fail = size, fail
+
+    def save(self, path):
+        path.mkdir()
+        with open(path / "__0_0.distcp", "wb") as f:
+            f.truncate(self.size)
+        if self.fail:
+            raise RuntimeError("basic_ios::clear: iostream error")
+
+    def kind(self) -> str:
+        return "SparseEngine"
+
+
+def _disk(monkeypatch, root, capacity: int):
+    """`root`'s file system as one of `capacity` bytes holding what is under `root`."""
+    def usage(path):
+        used = bytes_under(root)
+        return Usage(capacity, used, max(capacity - used, 0))
+
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", usage)
+
+
+def _save(ckpt_dir, step, engine, keep_last=2):
+    return ckpt.save_checkpoint(ckpt_dir, ckpt.TrainState(step=step), engine, {}, rank=0, world_size=1,
+                                keep_last=keep_last)
+
+
+def test_a_save_the_disk_cannot_hold_is_refused_before_writing(tmp_path, monkeypatch):
+    _disk(monkeypatch, tmp_path, capacity=500 * MB)
+    _save(tmp_path, 3, _SparseEngine(300 * MB))
+    with pytest.raises(DiskFull) as err:
+        _save(tmp_path, 6, _SparseEngine(300 * MB))
+    message = str(err.value.strerror)
+    assert "no room for checkpoint step-6: it needs about 0.30 GB" in message and "has 0.20 GB free" in message
+    assert "a restart resumes from step-3" in message and "checkpoint.keep_last" in message
+    assert err.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-3"]  # nothing of step-6
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step-3"
+
+
+def test_a_save_makes_room_by_removing_saves_that_never_finished(tmp_path, monkeypatch):
+    """A step-N.tmp left by a crash or a full disk mid-save held its room until after the next save."""
+    _disk(monkeypatch, tmp_path, capacity=800 * MB)
+    _save(tmp_path, 3, _SparseEngine(300 * MB))
+    stale = tmp_path / "step-9.tmp"
+    stale.mkdir()
+    with open(stale / "__0_0.distcp", "wb") as f:
+        f.truncate(300 * MB)
+    _save(tmp_path, 6, _SparseEngine(300 * MB), keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-6"]
+
+
+def test_a_save_that_fails_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    _disk(monkeypatch, tmp_path, capacity=700 * MB)
+    _save(tmp_path, 3, _SparseEngine(300 * MB))
+    # The check passes (400 MB free for 300); the write fails anyway, as if another writer had filled the disk.
+    with pytest.raises(DiskFull) as err:
+        _save(tmp_path, 6, _SparseEngine(399 * MB, fail=True))
+    message = err.value.strerror
+    assert "writing checkpoint step-6 into" in message and "failed with its disk full (1.0 MB free" in message
+    assert "RuntimeError: basic_ios::clear: iostream error" in message and "resumes from step-3" in message
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step-3"
+
+
+def test_a_failed_write_with_room_left_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    _disk(monkeypatch, tmp_path, capacity=10**12)
+    with pytest.raises(RuntimeError, match="iostream error") as err:
+        _save(tmp_path, 3, _SparseEngine(MB, fail=True))
+    assert not isinstance(err.value, DiskFull)
+
+
+def test_an_export_the_disk_cannot_hold_is_refused_before_writing(tmp_path, monkeypatch, two_shards):
+    """The CI failure of 2026-12-04: the stage's export (after its last checkpoint) on a full disk ended in
+    torch.save's "unexpected pos 71512384 vs 71512272"."""
+    from train.export import export_stage
+
+    trainer = in_process_trainer(tmp_path, two_shards, "backend=ddp", "parallel.precision=fp32")
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda path: Usage(10**12, 10**12 - 5 * MB, 5 * MB))
+    with pytest.raises(DiskFull, match=r"no room for the export .*/run/export/model.ckpt: it needs about \d+\.\d MB "
+                                       r"and the disk of .* has 5.0 MB free.*start the run again with the same "
+                                       r"settings; it resumes at its last step and writes the export"):
+        export_stage(trainer, run_dir / "export")
+    assert not (run_dir / "export").exists() and not (run_dir / "export.tmp").exists()
+    monkeypatch.undo()
+    assert export_stage(trainer, run_dir / "export").is_file()  # with room, as before
