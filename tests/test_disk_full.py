@@ -62,6 +62,19 @@ def test_a_save_the_disk_cannot_hold_is_refused_before_writing(tmp_path, monkeyp
     assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step-3"
 
 
+def test_a_checkpoint_is_sized_without_a_universal_conversion_beside_it(tmp_path, monkeypatch):
+    """A DeepSpeed resume on another world size keeps `engine/<tag>-universal` (as large again) in the checkpoint it
+    read: the next checkpoint is written without one."""
+    _disk(monkeypatch, tmp_path, capacity=1000 * MB)
+    _save(tmp_path, 3, _SparseEngine(300 * MB))
+    universal = tmp_path / "step-3" / "engine" / "global_step3-universal" / "zero"
+    universal.mkdir(parents=True)
+    with open(universal / "exp_avg.pt", "wb") as f:
+        f.truncate(300 * MB)
+    _save(tmp_path, 6, _SparseEngine(300 * MB))  # 400 MB free: room for 300, not for 600
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step-6"
+
+
 def test_a_save_makes_room_by_removing_saves_that_never_finished(tmp_path, monkeypatch):
     """A step-N.tmp left by a crash or a full disk mid-save held its room until after the next save."""
     _disk(monkeypatch, tmp_path, capacity=800 * MB)

@@ -194,9 +194,9 @@ def _make_room(ckpt_dir: Path, tmp: Path) -> None:
     for stale in ckpt_dir.glob("step-*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
     previous = list(saved_steps(ckpt_dir).values())
-    if previous:
-        check_room(ckpt_dir, bytes_under(previous[-1]), f"checkpoint {tmp.name.removesuffix('.tmp')}",
-                   _after_no_room(ckpt_dir))
+    if previous:  # not a DeepSpeed universal conversion kept beside it (a resume on another world size wrote it)
+        need = bytes_under(previous[-1], leave_out_suffix="-universal")
+        check_room(ckpt_dir, need, f"checkpoint {tmp.name.removesuffix('.tmp')}", _after_no_room(ckpt_dir))
     tmp.mkdir(parents=True)
 
 

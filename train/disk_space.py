@@ -24,9 +24,11 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.1f} MB"
 
 
-def bytes_under(path: Path) -> int:
-    """The size of the files under `path` (a checkpoint folder)."""
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def bytes_under(path: Path, leave_out_suffix: str | None = None) -> int:
+    """The size of the files under `path` (a checkpoint folder), less those in folders whose name ends with
+    `leave_out_suffix`."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not (
+        leave_out_suffix and any(part.endswith(leave_out_suffix) for part in f.relative_to(path).parent.parts)))
 
 
 def check_room(folder: Path, need: int, what: str, advice: str) -> None:
