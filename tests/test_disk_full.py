@@ -4,6 +4,7 @@ what the folder holds, with the engine's files sparse (large by their size, noth
 from __future__ import annotations
 
 import errno
+import os
 from collections import namedtuple
 
 import pytest
@@ -25,8 +26,8 @@ class _SparseEngine:
         self.size, self.fail = size, fail
 
     def save(self, path):
-        path.mkdir()
-        with open(path / "__0_0.distcp", "wb") as f:
+        path.mkdir(exist_ok=True)  # ranks in processes of their own share it
+        with open(path / f"__{os.getpid()}.distcp", "wb") as f:
             f.truncate(self.size)
         if self.fail:
             raise RuntimeError("basic_ios::clear: iostream error")
@@ -121,3 +122,49 @@ def test_an_export_the_disk_cannot_hold_is_refused_before_writing(tmp_path, monk
     assert not (run_dir / "export").exists() and not (run_dir / "export.tmp").exists()
     monkeypatch.undo()
     assert export_stage(trainer, run_dir / "export").is_file()  # with room, as before
+
+
+def _save_as_rank(rank: int, store: str, ckpt_dir: str, out: str) -> None:
+    """One of two gloo ranks saving step 3; rank 1's own part fails (its engine files written, then the error)."""
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        ckpt.save_checkpoint(Path(ckpt_dir), ckpt.TrainState(step=3), _SparseEngine(MB, fail=rank == 1), {},
+                             rank=rank, world_size=2, keep_last=2)
+        outcome = {"saved": True}
+    except Exception as err:  # noqa: BLE001 - what each rank raised is the result
+        outcome = {"raised": type(err).__name__, "message": str(err)}
+    finally:
+        dist.destroy_process_group()
+    Path(f"{out}.{rank}").write_text(json.dumps(outcome))
+
+
+def test_a_rank_whose_part_of_a_save_fails_stops_every_rank(tmp_path):
+    """Rank 0 used to wait for rank 1 in the barrier after the writes until torchrun's agent killed it (on other
+    nodes, until the process group's 30-minute timeout). Now rank 1 raises its own error, rank 0 stops naming it,
+    and the incomplete checkpoint is gone."""
+    import json
+    import multiprocessing
+
+    ckpt_dir = tmp_path / "checkpoints"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_save_as_rank, args=(r, str(tmp_path / "store"), str(ckpt_dir), str(tmp_path / "out")))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    hung = [p.is_alive() for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert hung == [False, False]
+    outcome = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
+    assert outcome[1] == {"raised": "RuntimeError", "message": "basic_ios::clear: iostream error"}  # room left
+    assert outcome[0] == {"raised": "StoppedByOtherRank", "message": "rank 1 stopped (RuntimeError)"}
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == []

@@ -32,7 +32,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .disk_space import bytes_under, check_room, explain_write_failure
-from .distributed import StoppedOnRankZero, barrier, on_rank_zero
+from .distributed import StoppedByOtherRank, failed_ranks, on_rank_zero
 
 LATEST = "latest"
 STEP_FOLDER = re.compile(r"step-(\d+)")
@@ -65,8 +65,8 @@ def _fsync(path: Path) -> None:
 
 
 def _fsync_tree(root: Path) -> None:
-    """Every file and folder under `root`. Rank 0 syncs what all ranks wrote (they have closed their files by the
-    barrier): on a local disk that is the page cache they share; NFS clients write a file out when it is closed."""
+    """Every file and folder under `root`. Rank 0 syncs what all ranks wrote (they have closed their files before
+    the collective that tells every rank all parts are written): on a local disk that is the page cache they share; NFS clients write a file out when it is closed."""
     for folder, _, files in os.walk(root):
         for name in files:
             _fsync(Path(folder) / name)
@@ -162,29 +162,52 @@ def save_checkpoint(ckpt_dir: Path, state: TrainState, engine, rank_state: dict,
     try:
         engine.save(tmp / "engine")
         torch.save(rank_state, tmp / f"rank-{rank}.pt")
-    except (OSError, RuntimeError, CheckpointException) as err:
-        full = explain_write_failure(err, ckpt_dir, f"checkpoint {final.name}", _after_no_room(ckpt_dir))
-        if full is None:
-            raise
-        if rank == 0:  # the partial folder's room, for the run's status and logs
+        error = None
+    except (Exception, CheckpointException) as err:  # DCP's is a BaseException; raised below, once all ranks know
+        error = _named_if_disk_full(err, ckpt_dir, final)
+    # Also the barrier before rank 0 commits the folder: a rank whose part failed no longer leaves the others
+    # waiting in it (on other nodes, for the process group's timeout).
+    failed = failed_ranks(error)
+    if failed:
+        if rank == 0:  # an incomplete checkpoint: its room, for the run's status and logs
             shutil.rmtree(tmp, ignore_errors=True)
-        elif isinstance(err, CheckpointException):  # DCP raised it on every rank: rank 0 says it once
-            raise StoppedOnRankZero(type(full).__name__) from err
-        raise full from err
-    barrier()
-    if rank == 0:
-        meta = {"step": state.step, "samples_seen": state.samples_seen, "wandb_run_id": state.wandb_run_id,
-                "nonfinite_skipped": state.nonfinite_skipped, "nonfinite_in_a_row": state.nonfinite_in_a_row,
-                "last_loss": state.last_loss, "world_size": world_size, "engine": engine.kind(),
-                "ema_layout": engine.ema_layout, "extra": state.extra}
+        first = min(failed)
+        if rank != first:  # the first failed rank says why (DCP's failure is every rank's)
+            raise StoppedByOtherRank(failed[first], first) from error
+        raise error
+    meta = {"step": state.step, "samples_seen": state.samples_seen, "wandb_run_id": state.wandb_run_id,
+            "nonfinite_skipped": state.nonfinite_skipped, "nonfinite_in_a_row": state.nonfinite_in_a_row,
+            "last_loss": state.last_loss, "world_size": world_size, "engine": engine.kind(),
+            "ema_layout": engine.ema_layout, "extra": state.extra}
+    on_rank_zero(lambda: _commit(ckpt_dir, tmp, final, meta, keep_last, keep_every))
+    return final
+
+
+def _commit(ckpt_dir: Path, tmp: Path, final: Path, meta: dict, keep_last: int, keep_every: int) -> None:
+    """On rank 0, once every rank's part is written: meta.json, all of it on the disk, the rename, `latest`, and
+    the pruning."""
+    try:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         _fsync_tree(tmp)  # on the disk before the rename makes it a checkpoint, and `latest` points at it
-        shutil.rmtree(final, ignore_errors=True)
-        _replace_durably(tmp, final)
-        _write_atomic(ckpt_dir / LATEST, final.name)
-        _prune(ckpt_dir, keep_last, keep_every, state.step)
-    barrier()
-    return final
+    except OSError as err:
+        named = _named_if_disk_full(err, ckpt_dir, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise named
+    shutil.rmtree(final, ignore_errors=True)
+    _replace_durably(tmp, final)
+    _write_atomic(ckpt_dir / LATEST, final.name)
+    _prune(ckpt_dir, keep_last, keep_every, meta["step"])
+
+
+def _named_if_disk_full(err: BaseException, ckpt_dir: Path, final: Path) -> BaseException:
+    """`err` as DiskFull (caused by it) when the disk or a quota is full; measured while the partial files are
+    still there. `err` itself otherwise."""
+    if isinstance(err, (OSError, RuntimeError, CheckpointException)):
+        full = explain_write_failure(err, ckpt_dir, f"checkpoint {final.name}", _after_no_room(ckpt_dir))
+        if full is not None:
+            full.__cause__ = err
+            return full
+    return err
 
 
 def _make_room(ckpt_dir: Path, tmp: Path) -> None:

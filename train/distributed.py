@@ -65,18 +65,18 @@ def barrier() -> None:
         dist.barrier()
 
 
-class StoppedOnRankZero(Exception):
-    """Raised on the other ranks when what rank 0 did alone (see `on_rank_zero`) raised; rank 0 says why.
-    `kind`: the name of rank 0's exception class."""
+class StoppedByOtherRank(Exception):
+    """Raised on the ranks that did their part when another rank's failed (see `on_rank_zero`, `failed_ranks`);
+    that rank says why. `kind`: the name of its exception's class."""
 
-    def __init__(self, kind: str):
-        super().__init__(f"rank 0 stopped ({kind})")
-        self.kind = kind
+    def __init__(self, kind: str, rank: int):
+        super().__init__(f"rank {rank} stopped ({kind})")
+        self.kind, self.rank = kind, rank
 
 
 def on_rank_zero(work) -> None:
     """`work()` on rank 0 alone, every rank learning whether it raised: rank 0 raises its error, the others
-    StoppedOnRankZero. Otherwise they would wait in their next collective for a rank that had gone, and die
+    StoppedByOtherRank. Otherwise they would wait in their next collective for a rank that had gone, and die
     of the broken connection with a traceback that hides the reason (or, on other nodes, wait out the process
     group's timeout). A collective itself: every rank calls it, and none goes on before rank 0 is done."""
     error = None
@@ -89,7 +89,20 @@ def on_rank_zero(work) -> None:
     if error is not None:
         raise error
     if kind is not None:
-        raise StoppedOnRankZero(kind)
+        raise StoppedByOtherRank(kind, 0)
+
+
+def failed_ranks(error: BaseException | None) -> dict[int, str]:
+    """Every rank's part of a collective piece of work, told to all: {rank: its exception's class name} for the
+    ranks whose part raised (`error`), so that the others stop too rather than wait for them in the next
+    collective. A collective itself; without a process group, this rank's own."""
+    mine = type(error).__name__ if error is not None else None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+    else:
+        every = [mine]
+    return {rank: kind for rank, kind in enumerate(every) if kind is not None}
 
 
 def from_rank_zero(value):

@@ -55,7 +55,7 @@ def to_dataclass(cfg: DictConfig) -> TrainConfig:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def train_stage(cfg: DictConfig) -> None:
     from train.disk_space import DiskFull
-    from train.distributed import StoppedOnRankZero, shutdown
+    from train.distributed import StoppedByOtherRank, shutdown
     from train.run_lock import RunDirInUse
     from train.trainer import run
 
@@ -71,7 +71,7 @@ def train_stage(cfg: DictConfig) -> None:
     except DiskFull as err:  # the run's status says failed; its last checkpoint is as it was
         print(f"disk full: {err.strerror}", flush=True)
         shutdown(1)
-    except StoppedOnRankZero as err:  # rank 0 says why; the same exit code as rank 0's
+    except StoppedByOtherRank as err:  # that rank says why; its exit code
         shutdown(2 if err.kind in ("ConfigError", "RunDirInUse") else 1)
     shutdown(code)
 
