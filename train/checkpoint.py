@@ -66,7 +66,8 @@ def _fsync(path: Path) -> None:
 
 def _fsync_tree(root: Path) -> None:
     """Every file and folder under `root`. Rank 0 syncs what all ranks wrote (they have closed their files before
-    the collective that tells every rank all parts are written): on a local disk that is the page cache they share; NFS clients write a file out when it is closed."""
+    the collective that tells every rank all parts are written): on a local disk that is the page cache they
+    share; NFS clients write a file out when it is closed."""
     for folder, _, files in os.walk(root):
         for name in files:
             _fsync(Path(folder) / name)

@@ -18,7 +18,7 @@ from data.loader import ShardLoader
 from models.stable_diffusion import build_models
 from train import checkpoint as ckpt
 from train.config import TrainConfig, check_frozen_sources, check_shards_exist, loader_config, stage_seed, validate
-from train.distributed import DistEnv, all_reduce_sum_, barrier, init_distributed, on_rank_zero
+from train.distributed import DistEnv, StoppedByOtherRank, all_reduce_sum_, barrier, init_distributed, on_rank_zero
 from train.ema import EMA
 from train.export import export_stage, load_stage_init
 from train.flops import (peak_tflops, text_encode_flops_per_caption, unet_train_flops_per_image,
@@ -458,8 +458,10 @@ def run(cfg: TrainConfig, config_dict: dict) -> int:
         code = trainer.train(flag)
     except (Exception, KeyboardInterrupt) as err:  # KeyboardInterrupt: a second Ctrl-C (train/signals.py)
         # Not left at "running" for `python -m launch status` and the chain; `error` says what ended it.
+        # Rank 0 stopped for another rank's failure: the status names that one.
+        error = f"{err.kind} on rank {err.rank}" if isinstance(err, StoppedByOtherRank) else type(err).__name__
         try:
-            trainer._status("failed", error=type(err).__name__)
+            trainer._status("failed", error=error)
         except OSError as status_err:  # a full disk, say: what ended the run is raised below, not this
             print(f"warning: the run's failure is not in status.json ({status_err})", flush=True)
         raise
