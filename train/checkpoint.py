@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from .disk_space import bytes_under, check_room, explain_write_failure
+from .disk_space import bytes_under, check_room, named_if_disk_full
 from .distributed import StoppedByOtherRank, failed_ranks, on_rank_zero
 
 LATEST = "latest"
@@ -165,7 +165,7 @@ def save_checkpoint(ckpt_dir: Path, state: TrainState, engine, rank_state: dict,
         torch.save(rank_state, tmp / f"rank-{rank}.pt")
         error = None
     except (Exception, CheckpointException) as err:  # DCP's is a BaseException; raised below, once all ranks know
-        error = _named_if_disk_full(err, ckpt_dir, final)
+        error = named_if_disk_full(err, ckpt_dir, f"checkpoint {final.name}", _after_no_room(ckpt_dir))
     # Also the barrier before rank 0 commits the folder: a rank whose part failed no longer leaves the others
     # waiting in it (on other nodes, for the process group's timeout).
     failed = failed_ranks(error)
@@ -191,24 +191,13 @@ def _commit(ckpt_dir: Path, tmp: Path, final: Path, meta: dict, keep_last: int, 
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         _fsync_tree(tmp)  # on the disk before the rename makes it a checkpoint, and `latest` points at it
     except OSError as err:
-        named = _named_if_disk_full(err, ckpt_dir, final)
+        named = named_if_disk_full(err, ckpt_dir, f"checkpoint {final.name}", _after_no_room(ckpt_dir))
         shutil.rmtree(tmp, ignore_errors=True)
         raise named
     shutil.rmtree(final, ignore_errors=True)
     _replace_durably(tmp, final)
     _write_atomic(ckpt_dir / LATEST, final.name)
     _prune(ckpt_dir, keep_last, keep_every, meta["step"])
-
-
-def _named_if_disk_full(err: BaseException, ckpt_dir: Path, final: Path) -> BaseException:
-    """`err` as DiskFull (caused by it) when the disk or a quota is full; measured while the partial files are
-    still there. `err` itself otherwise."""
-    if isinstance(err, (OSError, RuntimeError, CheckpointException)):
-        full = explain_write_failure(err, ckpt_dir, f"checkpoint {final.name}", _after_no_room(ckpt_dir))
-        if full is not None:
-            full.__cause__ = err
-            return full
-    return err
 
 
 def _make_room(ckpt_dir: Path, tmp: Path) -> None:

@@ -39,9 +39,21 @@ def check_room(folder: Path, need: int, what: str, advice: str) -> None:
                                      f"{_size(free)} free; nothing of it was written. {advice}")
 
 
-def explain_write_failure(err: BaseException, folder: Path, what: str, advice: str) -> DiskFull | None:
-    """The error to raise for `err`, a write into `folder` that failed, when the disk or a quota is full;
-    None when it is not (raise `err` itself then)."""
+def named_if_disk_full(err: BaseException, folder: Path, what: str, advice: str) -> BaseException:
+    """The error to raise for `err`, a write into `folder` that failed: DiskFull (caused by `err`) when the disk
+    or a quota is full, measured while the partial files are still there; `err` itself otherwise. Only I/O
+    failures are looked at (OSError; RuntimeError, as torch.save's stream errors; DCP's exception, which carries
+    each failed rank's own): a bug must not be called a full disk because the disk happens to be nearly full."""
+    if not isinstance(err, (OSError, RuntimeError)) and not hasattr(err, "failures"):
+        return err
+    full = _explain_write_failure(err, folder, what, advice)
+    if full is None:
+        return err
+    full.__cause__ = err
+    return full
+
+
+def _explain_write_failure(err: BaseException, folder: Path, what: str, advice: str) -> DiskFull | None:
     code = getattr(err, "errno", None)
     if code == errno.EDQUOT:
         return DiskFull(code, f"writing {what} into {folder} went over a disk quota ({err}). {advice}")

@@ -19,7 +19,7 @@ from models.adapters.keys import load_strict
 from models.pretrained_parts import text_encoder_state_dict, vae_state_dict
 from models.stable_diffusion import load_ldm_checkpoint
 from train.config import ConfigError
-from train.disk_space import check_room, explain_write_failure
+from train.disk_space import check_room, named_if_disk_full
 
 EXPORT_FILE = "model.ckpt"
 EXPORT_RECORD = "export.json"  # beside it: the step, the model.arch and the stage that wrote it
@@ -138,11 +138,9 @@ def export_stage(trainer, out_dir: Path, checkpoint: Path | None = None) -> Path
     try:
         ldm.write_checkpoint(tmp / EXPORT_FILE, sd, trainer.state.step)
     except (OSError, RuntimeError) as err:
-        full = explain_write_failure(err, out_dir.parent, what, advice)  # while the partial file fills the disk
+        named = named_if_disk_full(err, out_dir.parent, what, advice)  # while the partial file fills the disk
         shutil.rmtree(tmp, ignore_errors=True)
-        if full is not None:
-            raise full from err
-        raise
+        raise named
     record = {"step": trainer.state.step, "arch": trainer.cfg.model.arch, "stage": trainer.cfg.stage.name}
     if checkpoint is not None:
         record["checkpoint"] = str(checkpoint)
